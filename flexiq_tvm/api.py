@@ -1,0 +1,139 @@
+"""The Python API: load_model -> quantize -> Plan -> compile -> CompiledModel."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from . import __version__
+from .calibrate import collect_stats
+from .data import load_data
+from .errors import ModelError
+from .frontend.model import FloatModel, load_model
+from .passes.flexiq_rewrite import flexiq_rewrite
+from .quant.build import build_plan
+from .quant.plan import Plan
+from .quant.schedule import STANDARD_LEVELS
+from .runtime.compiled import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_FUNC, CompiledModel
+from .targets import get_target
+
+
+def _as_model(model) -> FloatModel:
+    return model if isinstance(model, FloatModel) else load_model(model)
+
+
+def _as_plan(plan) -> Plan:
+    return plan if isinstance(plan, Plan) else Plan.load(plan)
+
+
+def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size: int = 16,
+             calibrator: str = "percentile", search: str = "sensitivity", seed: int = 0, batch_size: int = 32,
+             percentile: float = 99.99, shift_rule: str = "mse", search_samples: int = 256,
+             curve_points: int = 8, progress: bool = True) -> Plan:
+    """Calibrate `model` on `calib` and build its FlexiQ plan (scales, orders, shifts, ratio levels).
+
+    search: "range" lowers every layer at the same pace (value-range order inside each layer);
+    "sensitivity" (default) orders the lowering steps across layers by their measured effect on the
+    model output over `search_samples` calibration samples.
+    """
+    from tqdm.auto import tqdm
+
+    model = _as_model(model)
+    inputs, _ = load_data(calib, model, what="calibration data")
+    t0 = time.perf_counter()
+    stats = collect_stats(model, inputs, batch_size=batch_size, seed=seed, progress=progress)
+    plan = build_plan(model.specs, stats, ratios=ratios, group_size=group_size, calibrator=calibrator,
+                      search=search, seed=seed, percentile=percentile, shift_rule=shift_rule,
+                      meta={"model": model.name, "calib_samples": int(inputs.shape[0]),
+                            "flexiq_tvm": __version__},
+                      progress=(lambda it, **kw: tqdm(it, disable=not progress, **kw)))
+    if search == "sensitivity":
+        _sensitivity_search(model, plan, inputs, search_samples, curve_points, seed, progress)
+    plan.meta["quantize_seconds"] = round(time.perf_counter() - t0, 3)
+    return plan
+
+
+def _sensitivity_search(model, plan: Plan, inputs, samples: int, points: int, seed: int, progress: bool):
+    """Replaces the plan's proportional schedule by one ordered on measured output error."""
+    from tqdm.auto import tqdm
+
+    from .fitness import OutputDistance
+    from .quant.schedule import cumulative_mac_share, level_prefixes
+    from .quant.search import measure_curves, sensitivity_schedule
+
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(inputs.shape[0], size=min(samples, inputs.shape[0]), replace=False))
+    fit = OutputDistance(model, plan, inputs[pick])
+    curves = measure_curves([l.n_groups for l in plan.layers], fit, max_points=points,
+                            progress=lambda jobs: tqdm(jobs, desc="sensitivity", disable=not progress))
+    macs = [l.group_macs for l in plan.layers]
+    plan.schedule = sensitivity_schedule(curves, macs)
+    plan._share = None
+    share = cumulative_mac_share(plan.schedule, macs)
+    plan.levels = level_prefixes(share, sorted(plan.levels))
+    plan.meta["search_evaluations"] = fit.evaluations
+    plan.meta["layer_error_at_full_4bit"] = {l.name: round(float(c[-1]), 6) for l, c in zip(plan.layers, curves)}
+
+
+def _with_manifest(mod: tvm.IRModule, manifest: dict) -> tvm.IRModule:
+    bb = relax.BlockBuilder(mod)
+    with bb.function(MANIFEST_FUNC, []):
+        bb.emit_func_output(tvm.ir.StringImm(json.dumps(manifest)))
+    return bb.get()
+
+
+def compile(model, plan, target: str = "llvm", batch_size: int = 1, schedule: bool = True,
+            **target_options) -> CompiledModel:
+    """Compile the FlexiQ model once; the result serves every ratio (`set_ratio`)."""
+    model = _as_model(model)
+    plan = _as_plan(plan)
+    plan.check_model(model.fingerprint, model.layer_names, source=model.source)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tgt = get_target(target, schedule=schedule, **target_options)
+    mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size))
+    manifest = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "plan": plan.dumps(),
+                "batch_size": int(batch_size), "input_shape": list(model.input_shape), "target": tgt.name,
+                "model_name": model.name, "flexiq_tvm": __version__}
+    ex = tgt.build(_with_manifest(mod, manifest))
+    return CompiledModel(ex, manifest, tgt.device())
+
+
+def compile_float(model, batch_size: int = 1, target=None):
+    """TVM's default FP32 build of the same model (the baseline in reports), as a VM."""
+    from .calibrate import build_float
+
+    model = _as_model(model)
+    main = model.mod["main"]
+    n = main.params[0].ty.shape.values[0]
+    mod = model.mod
+    if not isinstance(n, tvm.tirx.IntImm):
+        mod = tvm.IRModule({"main": main.bind_symbolic_vars({n: int(batch_size)})})
+    return build_float(mod, target)
+
+
+def compile_with_taps(model, plan, batch_size: int = 1, target: str = "llvm", schedule: bool = True):
+    """A debugging build whose `main(x, counts)` returns (output, x_0, y_0, x_1, y_1, ...): every
+    FlexiQ layer's float input and output, so each layer can be checked against the reference."""
+    from .frontend.graph import bindings
+    from .passes.flexiq_rewrite import LAYER_FUNC_PREFIX
+    from .passes.tap_outputs import TapOutputs
+
+    model = _as_model(model)
+    plan = _as_plan(plan)
+    plan.check_model(model.fingerprint, model.layer_names, source=model.source)
+    mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size))
+    taps = {}
+    for b in bindings(mod["main"]):
+        v = b.value
+        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar) and \
+                v.op.name_hint.startswith(LAYER_FUNC_PREFIX):
+            taps[int(v.op.name_hint[len(LAYER_FUNC_PREFIX):])] = (v.args[0], b.var)
+    flat = [e for i in sorted(taps) for e in taps[i]]
+    tgt = get_target(target, schedule=schedule)
+    return relax.VirtualMachine(tgt.build(TapOutputs(flat)(mod)), tgt.device())

@@ -1,0 +1,157 @@
+"""The `flexiq` command: a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+
+from .errors import FlexiQError
+from .quant.plan import PlanError
+
+DEMO_MODEL = "fashion_cnn.onnx"
+DEMO_CALIB = "fashion_calib.npz"
+DEMO_TEST = "fashion_test.npz"
+
+
+def asset(name: str) -> str:
+    return str(resources.files("flexiq_tvm").joinpath("assets", name))
+
+
+def _ratios(text: str):
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ratios: expected numbers separated by commas, got {text!r}") from None
+    for v in vals:
+        if not 0.0 <= v <= 1.0:
+            raise argparse.ArgumentTypeError(f"--ratios: {v} is outside [0, 1]")
+    return vals
+
+
+def _write_json(path, obj):
+    from .quant.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def cmd_quantize(args):
+    import flexiq_tvm as fq
+
+    model = fq.load_model(args.model)
+    plan = fq.quantize(model, args.calib, ratios=args.ratios, group_size=args.group_size,
+                       calibrator=args.calibrator, search=args.search, seed=args.seed,
+                       percentile=args.percentile, progress=not args.quiet)
+    plan.save(args.output)
+    share = {r: round(float(plan.mac_share[p]), 3) for r, p in plan.levels.items()}
+    print(f"wrote {args.output}: {plan.num_layers} FlexiQ layers, group size {plan.group_size}, "
+          f"levels (4-bit MAC share) {share}")
+
+
+def cmd_compile(args):
+    import flexiq_tvm as fq
+
+    cm = fq.compile(args.model, args.plan, target=args.target, batch_size=args.batch_size)
+    cm.export(args.output)
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.2f} MB): target {cm.target}, "
+          f"batch {cm.batch_size}, {cm.plan.num_layers} layers, ratio set at run time with set_ratio(r)")
+
+
+def _eval_and_print(model, plan, data, args):
+    from .evaluate import evaluate, format_report
+
+    report = evaluate(model, plan, data, ratios=args.ratios, batch_size=args.batch_size,
+                      progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        _write_json(args.json, report)
+        print(f"wrote {args.json}")
+    return report
+
+
+def cmd_eval(args):
+    import flexiq_tvm as fq
+
+    model = fq.load_model(args.model)
+    _eval_and_print(model, fq.Plan.load(args.plan), args.data, args)
+
+
+def cmd_demo(args):
+    import flexiq_tvm as fq
+
+    print(f"demo: {DEMO_MODEL} (residual CNN, Fashion-MNIST) shipped with flexiq-tvm")
+    model = fq.load_model(asset(DEMO_MODEL))
+    plan = fq.quantize(model, asset(DEMO_CALIB), ratios=args.ratios, group_size=args.group_size,
+                       seed=args.seed, progress=not args.quiet)
+    print(f"quantized {plan.num_layers} layers in {plan.meta['quantize_seconds']:.1f} s")
+    _eval_and_print(model, plan, asset(DEMO_TEST), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="flexiq", description="FlexiQ adaptive mixed-precision quantization for TVM")
+    p.add_argument("--version", action="version", version=f"flexiq-tvm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    def quant_opts(sp):
+        sp.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="comma-separated 4-bit MAC shares in [0, 1] (default 0,0.25,0.5,0.75,1)")
+        sp.add_argument("--group-size", type=int, default=16, help="input channels per 4-bit group (default 16)")
+        sp.add_argument("--seed", type=int, default=0)
+
+    q = sub.add_parser("quantize", help="calibrate a model and write its FlexiQ plan")
+    q.add_argument("model", help="ONNX file")
+    q.add_argument("--calib", required=True, help=".npz with 'inputs' (N, ...) already preprocessed")
+    q.add_argument("-o", "--output", required=True, help="plan file to write")
+    q.add_argument("--calibrator", choices=["max", "percentile", "mse"], default="percentile")
+    q.add_argument("--percentile", type=float, default=99.99)
+    q.add_argument("--search", choices=["range"], default="range")
+    quant_opts(q)
+    common(q)
+    q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("compile", help="compile a model and plan into one artifact for all ratios")
+    c.add_argument("model")
+    c.add_argument("--plan", required=True)
+    c.add_argument("--target", default="llvm", choices=["llvm"])
+    c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("-o", "--output", required=True, help="artifact (.so) to write")
+    common(c)
+    c.set_defaults(func=cmd_compile)
+
+    e = sub.add_parser("eval", help="accuracy and latency per ratio vs FP32")
+    e.add_argument("model")
+    e.add_argument("--plan", required=True)
+    e.add_argument("--data", required=True, help=".npz with 'inputs' and optional 'labels'")
+    e.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--json", help="write the report as JSON")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="quantize, compile and evaluate the model shipped with flexiq-tvm")
+    quant_opts(d)
+    d.add_argument("--batch-size", type=int, default=32)
+    d.add_argument("--json", help="write the report as JSON")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (FlexiQError, PlanError, ValueError, OSError) as e:
+        print(f"flexiq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The FlexiQ rewrite: every quantizable layer becomes one FlexiQ layer function.
+
+For layer i, `main` calls a private Relax function `flexiq_layer_i(x, counts)` carrying attributes
+`flexiq.op` ("conv2d" / "dense"), `flexiq.layer` (the index) and `flexiq.name`; its body is the
+target-neutral decomposition into three TIR kernels from `schedules.compute`:
+
+    q  = quantize_act(x, counts, rank, act_shift)      # INT8 codes, low channels bit-extracted
+    wl = lower_weight(w_int8, counts, rank, w_shift)    # stored INT8 weights, low channels lowered
+    y  = conv2d_int8 / dense_int8(q, wl, scale, bias)   # int32 accumulation, dequantize + bias
+
+`counts` (int32, one entry per layer: the number of leading 4-bit groups) is a new run-time
+parameter of `main`, so a ratio change is an integer update: nothing is recompiled or copied.
+Weights are stored once, as INT8 constants, in original channel order; the lowering order reaches
+the kernels as a per-channel group-rank table (`rank[c] < counts[i]` means channel c is 4-bit), so
+no activation gather is needed on targets that reduce over all channels in one pass. Targets find
+the kernels by their `flexiq.kernel` attribute and schedule them (see `targets/`).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..frontend.layers import FoundLayer
+from ..quant.int8 import dequant_scale, quantize_weight_with_scale
+from ..quant.plan import Plan
+from ..schedules import compute
+
+LAYER_FUNC_PREFIX = "flexiq_layer_"
+
+
+def _tensor(shape, dtype):
+    return relax.TensorType([int(s) for s in shape], dtype)
+
+
+def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: FoundLayer, lplan, batch: int,
+                out: str = "float") -> tvm.ir.GlobalVar:
+    spec = found.spec
+    unsigned = bool(lplan.act_unsigned)
+    act_dtype = "uint8" if unsigned else "int8"
+    q_w = quantize_weight_with_scale(spec.weight, lplan.weight_scale)
+    rank = relax.const(lplan.rank.astype(np.int32))
+    act_shift = relax.const(lplan.act_shift_per_channel.astype(np.int32))
+    w_shift = relax.const(np.ascontiguousarray(lplan.weight_shift, dtype=np.int32))
+    scale = relax.const(dequant_scale(lplan.weight_scale, np.float32(lplan.act_scale)))
+    bias = relax.const(np.asarray(spec.bias, dtype=np.float32))
+    in_shape = (batch,) + tuple(spec.in_shape)
+    out_shape = (batch,) + tuple(spec.out_shape)
+    tag = f"{index}_{spec.name}"
+
+    x = relax.Var("x", _tensor(in_shape, "float32"))
+    counts = relax.Var("counts", _tensor((num_layers,), "int32"))
+    attrs = {"flexiq.op": spec.op, "flexiq.layer": index, "flexiq.name": spec.name}
+    with bb.function(f"{LAYER_FUNC_PREFIX}{index}", [x, counts], attrs=attrs, private=True):
+        with bb.dataflow():
+            if spec.op == "conv2d":
+                pt, pl, pb, pr = spec.padding
+                qf = compute.quantize_act(in_shape, 1, pad=(pt, pl, pb, pr), scale=lplan.act_scale,
+                                          unsigned=unsigned, layer_index=index, num_layers=num_layers)
+                padded = (batch, spec.in_channels, in_shape[2] + pt + pb, in_shape[3] + pl + pr)
+                wf = compute.lower_weight(q_w.shape, groups=spec.groups, n_groups=lplan.n_groups,
+                                          layer_index=index, num_layers=num_layers, in_channels=spec.in_channels)
+                wl_shape = compute.conv_weight_layout_shape(q_w.shape, spec.groups)
+                kf = compute.conv2d_int8(padded, q_w.shape, strides=spec.strides, dilation=spec.dilation,
+                                         groups=spec.groups, unsigned=unsigned, out=out)
+                x2d, q_shape = x, padded
+            else:
+                rows = int(np.prod(in_shape[:-1]))
+                x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_channels))) if len(in_shape) != 2 else x
+                q_shape = (rows, spec.in_channels)
+                qf = compute.quantize_act(q_shape, 1, pad=0, scale=lplan.act_scale, unsigned=unsigned,
+                                          layer_index=index, num_layers=num_layers)
+                wf = compute.lower_weight(q_w.shape, groups=1, n_groups=lplan.n_groups, layer_index=index,
+                                          num_layers=num_layers, in_channels=spec.in_channels)
+                wl_shape = compute.dense_weight_layout_shape(q_w.shape)
+                kf = compute.dense_int8(q_shape, q_w.shape, unsigned=unsigned, out=out)
+            gq = bb.add_func(qf, f"flexiq_quantize_{tag}")
+            gw = bb.add_func(wf, f"flexiq_lower_weight_{tag}")
+            gk = bb.add_func(kf, f"flexiq_{spec.op}_{tag}")
+            q = bb.emit(relax.call_tir(gq, [x2d, counts, rank, act_shift], _tensor(q_shape, act_dtype)))
+            wl = bb.emit(relax.call_tir(gw, [relax.const(q_w), counts, rank, w_shift], _tensor(wl_shape, "int8")))
+            y_dtype = "float32" if out == "float" else "int32"
+            y_shape = out_shape if spec.op == "conv2d" else (q_shape[0], spec.out_channels)
+            y = bb.emit(relax.call_tir(gk, [q, wl, scale, bias], _tensor(y_shape, y_dtype)))
+            if spec.op == "dense" and len(in_shape) != 2:
+                y = bb.emit(relax.op.reshape(y, out_shape))
+            result = bb.emit_output(y)
+        bb.emit_func_output(result)
+    return bb.get().get_global_var(f"{LAYER_FUNC_PREFIX}{index}")
+
+
+@relax.expr_functor.mutator
+class _ReplaceLayers(relax.PyExprMutator):
+    def __init__(self, mod, layers: Sequence[FoundLayer], layer_gvars, counts: relax.Var, originals):
+        super().__init__(mod)
+        self.layers = layers
+        self.layer_gvars = layer_gvars
+        self.counts = counts
+        self.calls = originals          # original call of each layer, matched by identity
+        self.bias_adds = [l.bias_var for l in layers]
+
+    def visit_var_binding_(self, binding):
+        for i, bias_var in enumerate(self.bias_adds):
+            if bias_var is not None and binding.var.same_as(bias_var):
+                # the bias is already added by the layer's epilogue: alias the layer's output
+                binding = relax.VarBinding(binding.var, self.layers[i].var)
+                break
+        super().visit_var_binding_(binding)
+
+    def visit_call_(self, call):
+        for i, orig in enumerate(self.calls):
+            if call.same_as(orig):
+                x = self.visit_expr(call.args[0])
+                return relax.Call(self.layer_gvars[i], [x, self.counts])
+        return super().visit_call_(call)
+
+
+def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, batch: int,
+                   out: str = "float") -> tvm.IRModule:
+    """Returns a module whose `main(x, counts)` runs every layer of `layers` through FlexiQ.
+
+    `out="acc"` makes each layer function return its int32 accumulators instead (and leaves the
+    rest of the graph unchanged only where shapes allow): a debugging build used by the tests.
+    """
+    main = mod["main"]
+    batch_var = main.params[0].ty.shape.values[0]
+    if not isinstance(batch_var, tvm.tirx.IntImm):
+        main = main.bind_symbolic_vars({batch_var: int(batch)})
+    elif int(batch_var) != int(batch):
+        raise ValueError(f"the model's batch size is fixed at {int(batch_var)}, cannot compile for {batch}")
+    mod = tvm.IRModule({"main": main}, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule({"main": main})
+    mod = relax.transform.Normalize()(mod)
+    main = mod["main"]
+    # re-find the layers in the batch-bound function (same order, same predicate)
+    from ..frontend.layers import find_layers
+
+    bound = find_layers(main, warn=False)
+    if [f.spec.name for f in bound] != [f.spec.name for f in layers]:
+        raise ValueError("internal: layer discovery changed after binding the batch size")
+    L = len(bound)
+    bb = relax.BlockBuilder(mod)
+    gvars = [_emit_layer(bb, i, L, f, plan.layers[i], batch, out) for i, f in enumerate(bound)]
+    mod = bb.get()
+    from ..frontend.graph import bindings
+
+    originals = []
+    for f in bound:
+        originals.append(next(b.value for b in bindings(main) if b.var.same_as(f.var)))
+    counts = relax.Var("counts", _tensor((L,), "int32"))
+    mutator = _ReplaceLayers(mod, bound, gvars, counts, originals)
+    new_main = mutator.visit_expr(main)
+    attrs = dict(main.attrs) if main.attrs is not None else {}
+    attrs["num_input"] = 2
+    new_main = relax.Function(list(new_main.params) + [counts], new_main.body, new_main.ret_ty,
+                              new_main.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
+    mod = mutator.builder_.get()
+    mod["main"] = new_main
+    return relax.transform.CanonicalizeBindings()(relax.transform.Normalize()(mod))

@@ -1,0 +1,33 @@
+"""Makes a function also return chosen intermediate values (calibration and debugging taps).
+
+The original result stays field 0 of the returned tuple; the taps follow in the order given.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import tvm
+from tvm import relax
+
+
+def tap_function(func: relax.Function, taps: Sequence[relax.Expr]) -> relax.Function:
+    blocks = list(func.body.blocks)
+    fields = [func.body.body] + list(taps)
+    out = relax.Var("flexiq_taps", relax.TupleType([f.ty for f in fields]))
+    binding = relax.VarBinding(out, relax.Tuple(fields))
+    last = blocks[-1]
+    cls = relax.DataflowBlock if isinstance(last, relax.DataflowBlock) else relax.BindingBlock
+    blocks[-1] = cls(list(last.bindings) + [binding])
+    return relax.Function(func.params, relax.SeqExpr(blocks, out), out.ty, func.is_pure, func.attrs)
+
+
+def TapOutputs(taps: Sequence[relax.Expr], func_name: str = "main"):  # noqa: N802
+    """Module pass: `func_name` returns (result, *taps)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="FlexiQTapOutputs")
+    def _pass(mod, _ctx):
+        mod = mod.clone() if hasattr(mod, "clone") else mod
+        mod[func_name] = tap_function(mod[func_name], taps)
+        return relax.transform.Normalize()(mod)
+
+    return _pass

@@ -1,0 +1,243 @@
+"""The plan: everything the compiler and the runtime need from quantization, in one versioned file.
+
+A plan is JSON (self-describing, diffable) wrapped with a format tag, a version and a SHA-256 of its
+body, so a truncated or edited file, a plan from a newer release, or a plan for another model fails
+loudly instead of producing wrong numbers. Writes are atomic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .atomic import atomic_write_bytes
+from .layer import LayerSpec
+from .ranking import group_ranks, num_groups
+from .schedule import check_ratio, counts_at, cumulative_mac_share, group_macs, prefix_for_ratio
+
+FORMAT = "flexiq-plan"
+VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used: unreadable, corrupted, too new, or for another model."""
+
+
+def model_fingerprint(layers: Sequence[LayerSpec]) -> str:
+    """SHA-256 over the quantizable layers' names, geometry and float weights."""
+    h = hashlib.sha256()
+    for layer in layers:
+        h.update(json.dumps([layer.name, layer.op, list(layer.weight.shape), layer.groups, list(layer.strides),
+                             list(layer.padding), list(layer.dilation), list(layer.in_shape)]).encode())
+        h.update(np.ascontiguousarray(layer.weight, dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(layer.bias, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class LayerPlan:
+    """One layer's quantization: INT8 scales, lowering order, bit-extraction shifts."""
+
+    name: str
+    op: str
+    in_channels: int
+    out_channels: int
+    groups: int
+    group_size: int
+    order: np.ndarray            # (C,) input channels in lowering order
+    weight_scale: np.ndarray     # (O,) float32
+    act_scale: float             # float32 value
+    act_unsigned: bool
+    act_shift: np.ndarray        # (n_groups,) static activation shift per group
+    weight_shift: np.ndarray     # (O, n_groups) weight shift per (output channel, group)
+    macs_per_channel: int
+
+    def __post_init__(self):
+        self.order = np.asarray(self.order, dtype=np.int32)
+        self.weight_scale = np.asarray(self.weight_scale, dtype=np.float32)
+        self.act_scale = float(np.float32(self.act_scale))
+        self.act_shift = np.asarray(self.act_shift, dtype=np.int32)
+        self.weight_shift = np.asarray(self.weight_shift, dtype=np.int32).reshape(self.out_channels, -1)
+
+    @property
+    def n_groups(self) -> int:
+        return num_groups(self.in_channels, self.group_size)
+
+    @property
+    def rank(self) -> np.ndarray:
+        return group_ranks(self.order, self.group_size)
+
+    @property
+    def act_shift_per_channel(self) -> np.ndarray:
+        return self.act_shift[self.rank]
+
+    @property
+    def group_macs(self) -> np.ndarray:
+        return group_macs(self.in_channels, self.group_size, self.macs_per_channel)
+
+    def validate(self):
+        C, n = self.in_channels, self.n_groups
+        if sorted(self.order.tolist()) != list(range(C)):
+            raise PlanError(f"layer {self.name!r}: channel order is not a permutation of 0..{C - 1}")
+        if self.act_shift.shape != (n,) or self.weight_shift.shape != (self.out_channels, n):
+            raise PlanError(f"layer {self.name!r}: shift tables do not match {n} groups of {self.group_size}")
+        if self.weight_scale.shape != (self.out_channels,):
+            raise PlanError(f"layer {self.name!r}: {self.weight_scale.shape[0]} weight scales for {self.out_channels} outputs")
+        for arr in (self.act_shift, self.weight_shift):
+            if arr.size and (arr.min() < 0 or arr.max() > 4):
+                raise PlanError(f"layer {self.name!r}: shifts must lie in 0..4")
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "op": self.op, "in_channels": self.in_channels,
+                "out_channels": self.out_channels, "groups": self.groups, "group_size": self.group_size,
+                "order": self.order.tolist(), "weight_scale": [float(v) for v in self.weight_scale],
+                "act_scale": self.act_scale, "act_unsigned": bool(self.act_unsigned),
+                "act_shift": self.act_shift.tolist(), "weight_shift": self.weight_shift.tolist(),
+                "macs_per_channel": int(self.macs_per_channel)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LayerPlan":
+        return cls(**d)
+
+
+@dataclass
+class Plan:
+    """Per-layer plans plus the model-level lowering schedule and the named ratio levels."""
+
+    fingerprint: str
+    group_size: int
+    layers: List[LayerPlan]
+    schedule: List[int]                      # layer index lowered at each step
+    levels: Dict[float, int]                 # ratio level -> schedule prefix length
+    meta: dict = field(default_factory=dict)
+    version: int = VERSION
+
+    def __post_init__(self):
+        self.schedule = [int(v) for v in self.schedule]
+        self.levels = {float(k): int(v) for k, v in self.levels.items()}
+        self._share = None
+
+    # ---- ratios ---------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def mac_share(self) -> np.ndarray:
+        """MAC share of every schedule prefix 0..len(schedule)."""
+        if self._share is None:
+            self._share = cumulative_mac_share(self.schedule, [l.group_macs for l in self.layers])
+        return self._share
+
+    def counts_for_prefix(self, prefix: int) -> np.ndarray:
+        return counts_at(self.schedule, prefix, self.num_layers)
+
+    def counts_for_ratio(self, ratio: float) -> np.ndarray:
+        """Per-layer 4-bit group counts for a model ratio: a named level if it is one, else the
+        schedule prefix whose 4-bit MAC share is closest."""
+        r = check_ratio(ratio)
+        prefix = self.levels.get(r)
+        if prefix is None:
+            prefix = prefix_for_ratio(self.mac_share, r)
+        return self.counts_for_prefix(prefix)
+
+    def mac_ratio(self, counts: Sequence[int]) -> float:
+        counts = self.check_counts(counts)
+        total = sum(int(l.group_macs.sum()) for l in self.layers)
+        low = sum(int(l.group_macs[:k].sum()) for l, k in zip(self.layers, counts))
+        return low / total if total else 0.0
+
+    def channel_ratio(self, counts: Sequence[int]) -> float:
+        counts = self.check_counts(counts)
+        total = sum(l.in_channels for l in self.layers)
+        low = sum(min(l.in_channels, k * l.group_size) for l, k in zip(self.layers, counts))
+        return low / total if total else 0.0
+
+    def check_counts(self, counts) -> np.ndarray:
+        c = np.asarray(counts)
+        if c.shape != (self.num_layers,):
+            raise ValueError(f"expected {self.num_layers} per-layer counts, got shape {c.shape}")
+        if not np.issubdtype(c.dtype, np.integer):
+            raise ValueError("per-layer counts must be integers")
+        for layer, k in zip(self.layers, c):
+            if not 0 <= k <= layer.n_groups:
+                raise ValueError(f"layer {layer.name!r}: count {int(k)} outside 0..{layer.n_groups}")
+        return c.astype(np.int32)
+
+    # ---- model matching --------------------------------------------------------------------
+    def check_model(self, fingerprint: str, layer_names: Sequence[str], source: str = "the model"):
+        names = [l.name for l in self.layers]
+        if list(layer_names) != names:
+            missing = sorted(set(names) ^ set(layer_names))
+            raise PlanError(f"plan does not match {source}: its quantizable layers differ "
+                            f"(plan has {len(names)}, model has {len(layer_names)}; differing: {missing[:5]})")
+        if fingerprint != self.fingerprint:
+            raise PlanError(f"plan does not match {source}: model fingerprint {fingerprint[:12]}... "
+                            f"!= plan's {self.fingerprint[:12]}... (weights or shapes changed)")
+
+    # ---- files ------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"fingerprint": self.fingerprint, "group_size": self.group_size,
+                "layers": [l.to_json() for l in self.layers], "schedule": self.schedule,
+                "levels": {repr(k): v for k, v in sorted(self.levels.items())}, "meta": self.meta}
+
+    def dumps(self) -> str:
+        body = self.to_json()
+        canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return json.dumps({"format": FORMAT, "version": self.version,
+                           "checksum": "sha256:" + hashlib.sha256(canon.encode()).hexdigest(),
+                           "body": body}, sort_keys=True)
+
+    def save(self, path) -> None:
+        atomic_write_bytes(path, self.dumps().encode())
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<string>") -> "Plan":
+        try:
+            doc = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{source}: not a FlexiQ plan (unreadable JSON: {e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise PlanError(f"{source}: not a FlexiQ plan (missing format tag {FORMAT!r})")
+        version = doc.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise PlanError(f"{source}: plan format version {version!r} is newer than this flexiq-tvm "
+                            f"reads (<= {VERSION}); upgrade flexiq-tvm")
+        body = doc.get("body")
+        canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        if doc.get("checksum") != "sha256:" + hashlib.sha256(canon.encode()).hexdigest():
+            raise PlanError(f"{source}: plan is corrupted (checksum mismatch)")
+        try:
+            plan = cls(fingerprint=body["fingerprint"], group_size=int(body["group_size"]),
+                       layers=[LayerPlan.from_json(d) for d in body["layers"]], schedule=body["schedule"],
+                       levels={float(k): v for k, v in body["levels"].items()}, meta=body.get("meta", {}),
+                       version=version)
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{source}: plan is malformed ({type(e).__name__}: {e})") from None
+        plan.validate(source)
+        return plan
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise PlanError(f"cannot read plan {path}: {e.strerror}") from None
+        return cls.loads(data.decode("utf-8", errors="replace"), source=str(path))
+
+    def validate(self, source: str = "plan"):
+        for layer in self.layers:
+            layer.validate()
+        steps = np.bincount(np.asarray(self.schedule, dtype=np.int64), minlength=self.num_layers)
+        for layer, n in zip(self.layers, steps[: self.num_layers]):
+            if n != layer.n_groups:
+                raise PlanError(f"{source}: schedule lowers layer {layer.name!r} {n} times, it has {layer.n_groups} groups")
+        if len(steps) > self.num_layers:
+            raise PlanError(f"{source}: schedule refers to layers beyond {self.num_layers}")
+        for r, p in self.levels.items():
+            if not 0 <= p <= len(self.schedule):
+                raise PlanError(f"{source}: level {r} points past the schedule")

@@ -1,0 +1,141 @@
+"""One compiled artifact serves every ratio (METHOD section 6).
+
+`set_ratio(r)` only swaps the int32 `counts` tensor handed to `main`; the per-ratio tensors are
+built once and cached, so a switch is a dictionary lookup. The plan and the build facts travel
+inside the artifact (a `flexiq_manifest` function of the VM executable), so `load_artifact` needs
+nothing but the `.so`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..errors import DataError, FlexiQError
+from ..quant.atomic import atomic_path
+from ..quant.plan import Plan
+from ..quant.schedule import check_ratio
+
+MANIFEST_FUNC = "flexiq_manifest"
+ARTIFACT_FORMAT = "flexiq-artifact"
+ARTIFACT_VERSION = 1
+
+
+class CompiledModel:
+    """A FlexiQ model compiled for one target and batch size; numpy in, numpy out."""
+
+    def __init__(self, executable, manifest: dict, device=None):
+        self.executable = executable
+        self.manifest = manifest
+        self.plan = Plan.loads(manifest["plan"], source="artifact manifest")
+        self.batch_size = int(manifest["batch_size"])
+        self.input_shape = tuple(manifest["input_shape"])
+        self.target = manifest["target"]
+        self.device = device or tvm.cpu()
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self._main = self.vm["main"]
+        self._cache = {}
+        self.counts = np.zeros(self.plan.num_layers, dtype=np.int32)
+        self._counts_tensor = None
+        self.ratio = None
+        self.set_ratio(0.0)
+
+    # ---- ratio control ---------------------------------------------------------------------------
+    def set_ratio(self, ratio: float) -> None:
+        """Fraction of MACs in 4-bit: a named plan level, or the nearest point at group granularity."""
+        cached = self._cache.get(ratio)
+        if cached is None:
+            r = check_ratio(ratio)
+            counts = self.plan.counts_for_ratio(r)
+            cached = (counts, tvm.runtime.tensor(counts, self.device))
+            self._cache[ratio] = cached
+        self.counts, self._counts_tensor = cached
+        self.ratio = ratio
+
+    def set_counts(self, counts) -> None:
+        """Per-layer numbers of 4-bit groups (any values in 0..n_groups of each layer)."""
+        counts = self.plan.check_counts(counts)
+        self.counts = counts
+        self._counts_tensor = tvm.runtime.tensor(counts, self.device)
+        self.ratio = self.plan.mac_ratio(counts)
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.plan.mac_ratio(self.counts)
+
+    # ---- running ---------------------------------------------------------------------------------
+    def _check(self, x) -> np.ndarray:
+        arr = np.asarray(x)
+        if arr.ndim == len(self.input_shape):
+            arr = arr[None]
+        if arr.shape[1:] != self.input_shape:
+            raise DataError(f"input shape {np.shape(x)} does not match the artifact's input (N, "
+                            f"{', '.join(map(str, self.input_shape))})")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+    def run_batch(self, x: np.ndarray):
+        """One call of the compiled function on exactly `batch_size` samples (tvm tensors out)."""
+        return self._main(tvm.runtime.tensor(x, self.device), self._counts_tensor)
+
+    def __call__(self, x) -> np.ndarray:
+        arr = self._check(x)
+        n, B = arr.shape[0], self.batch_size
+        outs = []
+        for s in range(0, n, B):
+            chunk = arr[s:s + B]
+            if chunk.shape[0] < B:
+                pad = np.zeros((B - chunk.shape[0],) + chunk.shape[1:], np.float32)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self.run_batch(chunk).numpy()[: min(B, n - s)])
+        return np.concatenate(outs)
+
+    def time_batch(self, number: int = 10, repeat: int = 5, x: Optional[np.ndarray] = None) -> float:
+        """Median seconds of one call on a full batch at the current ratio."""
+        if x is None:
+            x = np.random.default_rng(0).standard_normal((self.batch_size,) + self.input_shape).astype(np.float32)
+        t = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)(
+            tvm.runtime.tensor(self._check(x), self.device), self._counts_tensor)
+        return float(np.median(t.results))
+
+    # ---- files ---------------------------------------------------------------------------------
+    def export(self, path) -> None:
+        """Writes one shared library holding code, INT8 weights, shift tables and the plan."""
+        path = os.fspath(path)
+        if not path.endswith(".so"):
+            raise FlexiQError(f"{path}: artifacts are shared libraries; use a .so file name")
+        with atomic_path(path) as tmp:
+            tmp_so = tmp + ".so"
+            try:
+                self.executable.export_library(tmp_so)
+                os.replace(tmp_so, tmp)
+            finally:
+                if os.path.exists(tmp_so):
+                    os.unlink(tmp_so)
+
+    def __repr__(self):
+        return (f"CompiledModel({self.manifest.get('model_name')!r}, target={self.target!r}, "
+                f"batch_size={self.batch_size}, layers={self.plan.num_layers}, ratio={self.ratio})")
+
+
+def load_artifact(path, device=None) -> CompiledModel:
+    """Loads an exported artifact (plan included) in any process."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FlexiQError(f"{path}: no such artifact")
+    try:
+        lib = tvm.runtime.load_module(path)
+    except Exception as e:
+        raise FlexiQError(f"{path}: not a loadable TVM artifact ({str(e).splitlines()[0][:200]})") from None
+    try:
+        vm = relax.VirtualMachine(lib, tvm.cpu())
+        manifest = json.loads(str(vm[MANIFEST_FUNC]()))
+    except Exception:
+        raise FlexiQError(f"{path}: not a flexiq-tvm artifact (no manifest)") from None
+    if manifest.get("format") != ARTIFACT_FORMAT or int(manifest.get("version", 0)) > ARTIFACT_VERSION:
+        raise FlexiQError(f"{path}: artifact format {manifest.get('format')!r} v{manifest.get('version')} "
+                          f"is not readable by this flexiq-tvm (reads {ARTIFACT_FORMAT} <= v{ARTIFACT_VERSION})")
+    return CompiledModel(lib, manifest, device)

@@ -1,0 +1,494 @@
+"""TE compute definitions of the FlexiQ layer kernels (target independent).
+
+Every factory returns a ``tvm.tirx.PrimFunc`` (built with ``te.create_prim_func``) in
+destination-passing style: inputs first, the output last, all shapes static.  Each function
+carries the attribute ``"flexiq.kernel"`` (one of ``quantize_act``, ``lower_weight``,
+``conv2d_int8``, ``dense_int8``) so that a target (``schedules/llvm.py``) can find and schedule
+it, plus a few ``"flexiq.*"`` attributes describing the layout.
+
+Integer semantics (all on int32, ``>>`` arithmetic):
+
+* ``lower(q, e, lo4, hi4) = clamp((q + ((1 << e) >> 1)) >> e, lo4, hi4) << e``
+* activation quantization: ``q = int32(clamp(floor(f32(x) / f32(s) + 0.5f), lo, hi))``
+  (true division, then add, then floor; lo,hi = -127,127 signed / 0,255 unsigned)
+* channel ``c`` is low iff ``rank[c] < counts[layer_index]`` (``counts`` is a run-time input)
+
+Weight layout produced by :func:`lower_weight` and consumed by :func:`conv2d_int8` /
+:func:`dense_int8` ("blocked-O"): conv ``[O // ob, Cg, KH, KW, ob]``, dense ``[O // ob, C, ob]``
+with ``w_l[oo, ci, kh, kw, oi] = lowered(w[oo * ob + oi, ci, kh, kw])``.  ``ob`` (output
+channel block, the vector axis of the llvm schedule) always divides ``O // groups`` so that a
+block never straddles two convolution groups; :func:`choose_ob` picks it.
+
+Note on index dtypes (tvm027.md section 3): index variables are never mixed into data
+arithmetic here; all data math is on int32/float32 values loaded from buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import tvm
+from tvm import te
+
+KERNEL_ATTR = "flexiq.kernel"
+
+__all__ = [
+    "KERNEL_ATTR",
+    "choose_ob",
+    "conv_out_shape",
+    "conv_weight_layout_shape",
+    "dense_weight_layout_shape",
+    "quantize_act",
+    "lower_weight",
+    "conv2d_int8",
+    "dense_int8",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+def _i32(v):
+    return tvm.tirx.const(int(v), "int32")
+
+
+def _lower_expr(q, e, lo4: int, hi4: int):
+    """clamp((q + ((1 << e) >> 1)) >> e, lo4, hi4) << e on int32 exprs."""
+    one = _i32(1)
+    rnd = tvm.tirx.shift_right(tvm.tirx.shift_left(one, e), one)
+    v = tvm.tirx.shift_right(q + rnd, e)
+    v = tvm.tirx.max(tvm.tirx.min(v, _i32(hi4)), _i32(lo4))
+    return tvm.tirx.shift_left(v, e)
+
+
+def _no_contract(v):
+    """Wrap a float product in ``llvm.arithmetic.fence`` so that LLVM (TVM enables FP-op fusion
+    for llvm targets) cannot contract ``p + bias`` into an FMA: the epilogue then rounds twice,
+    exactly like numpy's ``f32(acc) * scale + bias``.  llvm targets only (codegen emits the LLVM
+    intrinsic; on x86 it costs nothing)."""
+    return tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", v)
+
+
+def _norm_pad(pad) -> Tuple[int, int, int, int]:
+    """pad -> (top, left, bottom, right). Accepts int, (ph, pw) or (t, l, b, r)."""
+    if isinstance(pad, int):
+        return (pad, pad, pad, pad)
+    pad = tuple(int(p) for p in pad)
+    if len(pad) == 2:
+        return (pad[0], pad[1], pad[0], pad[1])
+    if len(pad) == 4:
+        return pad
+    raise ValueError(f"bad padding {pad}")
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(a) for a in v)
+    assert len(v) == 2
+    return v
+
+
+def choose_ob(out_channels: int, groups: int = 1, max_ob: int = 16) -> int:
+    """Output-channel block: the largest divisor of O // groups that is <= max_ob.
+
+    Prefers powers of two (16, 8, 4) when they divide; depthwise (O // groups == 1) gives 1.
+    """
+    opg = out_channels // groups
+    for cand in (16, 8, 4):
+        if cand <= max_ob and opg % cand == 0:
+            return cand
+    for cand in range(min(max_ob, opg), 0, -1):
+        if opg % cand == 0:
+            return cand
+    return 1
+
+
+def choose_conv_layout(out_channels: int, groups: int, cg: int) -> Tuple[str, int]:
+    """(weight layout, ob) the llvm kernels use for a conv; deterministic so that lower_weight and
+    conv2d_int8 agree when both are called with defaults.
+
+    * ``"OIHWo4i"`` (VNNI): ``[O//ob, ceil(Cg/4), KH, KW, ob, 4]``, ob in {16, 8}; chosen when
+      ``O//groups`` is a multiple of 8 and ``Cg >= 4`` (4 input channels per vpdpbusd lane).
+    * ``"OIHWo"`` (blocked): ``[O//ob, Cg, KH, KW, ob]``, ob = :func:`choose_ob` (1 = depthwise).
+    """
+    opg = out_channels // groups
+    if cg >= 4 and opg % 8 == 0:
+        return "OIHWo4i", (16 if opg % 16 == 0 else 8)
+    return "OIHWo", choose_ob(out_channels, groups)
+
+
+def conv_out_shape(x_padded_shape, w_shape, strides=1, dilation=1):
+    """Output (N, O, OH, OW) of a conv over an already padded input."""
+    n, _, hp, wp = (int(v) for v in x_padded_shape)
+    o, _, kh, kw = (int(v) for v in w_shape)
+    sh, sw = _pair(strides)
+    dh, dw = _pair(dilation)
+    oh = (hp - dh * (kh - 1) - 1) // sh + 1
+    ow = (wp - dw * (kw - 1) - 1) // sw + 1
+    return (n, o, oh, ow)
+
+
+def conv_weight_layout_shape(w_shape, groups: int = 1, ob: int | None = None,
+                             layout: str | None = None):
+    """Shape of the lowered weight (output of lower_weight, input of conv2d_int8)."""
+    o, cg, kh, kw = (int(v) for v in w_shape)
+    layout, ob = _resolve_layout(o, groups, cg, layout, ob)
+    if layout == "OIHWo4i":
+        return (o // ob, (cg + 3) // 4, kh, kw, ob, 4)
+    return (o // ob, cg, kh, kw, ob)
+
+
+def _resolve_layout(o, groups, cg, layout, ob):
+    if layout is None:
+        layout, ob_default = choose_conv_layout(o, groups, cg)
+        if ob is not None and layout == "OIHWo4i" and int(ob) not in (8, 16):
+            layout, ob_default = "OIHWo", choose_ob(o, groups)
+    elif layout == "OIHWo4i":
+        ob_default = 16 if (o // groups) % 16 == 0 else 8
+    elif layout == "OIHWo":
+        ob_default = choose_ob(o, groups)
+    else:
+        raise ValueError(f"unknown weight layout {layout!r}")
+    ob = ob_default if ob is None else int(ob)
+    assert (o // groups) % ob == 0, (o, groups, ob)
+    return layout, ob
+
+
+def dense_weight_layout_shape(w_shape, ob: int | None = None):
+    o, c = (int(v) for v in w_shape)
+    ob = choose_ob(o, 1) if ob is None else int(ob)
+    return (o // ob, c, ob)
+
+
+def _finish(func, kind: str, **attrs):
+    # te.create_prim_func sets global_symbol="main"; drop it so that several kernels can live in
+    # one IRModule (bb.add_func(f, name) / tvm.compile attach the GlobalVar's name).
+    if func.attrs is not None and "global_symbol" in func.attrs:
+        func = func.without_attr("global_symbol")
+    func = func.with_attr(KERNEL_ATTR, kind)
+    for k, v in attrs.items():
+        func = func.with_attr("flexiq." + k, v)
+    return func
+
+
+# --------------------------------------------------------------------------- quantize_act
+def quantize_act(
+    shape: Sequence[int],
+    channel_axis: int,
+    pad=0,
+    scale: float = 1.0,
+    unsigned: bool = False,
+    layer_index: int = 0,
+    num_layers: int = 1,
+) -> tvm.tirx.PrimFunc:
+    """Quantize float32 activations, lowering the run-time-selected low channels.
+
+    NCHW (``channel_axis=1``, 4-D ``shape``): params ``(x f32[N,C,H,W], counts i32[L],
+    rank i32[C], shift i32[C], q[N, C, H+pt+pb, W+pl+pr])``; ``pad`` is an int, ``(ph, pw)``
+    or ``(top, left, bottom, right)``; the border is 0.
+    Channel-last (``channel_axis = len(shape) - 1``, e.g. dense ``[M, C]``): same params,
+    ``q`` has the shape of ``x`` (``pad`` must be 0).
+    ``q`` is int8 (signed, [-127, 127], 4-bit [-8, 7]) or uint8 (unsigned, [0, 255], 4-bit
+    [0, 15]).
+    """
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+    channel_axis = channel_axis % nd
+    C = shape[channel_axis]
+    L = int(num_layers)
+    li = int(layer_index)
+    assert 0 <= li < L
+    if unsigned:
+        lo, hi, lo4, hi4, odt = 0, 255, 0, 15, "uint8"
+    else:
+        lo, hi, lo4, hi4, odt = -127, 127, -8, 7, "int8"
+
+    x = te.placeholder(shape, "float32", name="x")
+    counts = te.placeholder((L,), "int32", name="counts")
+    rank = te.placeholder((C,), "int32", name="rank")
+    shift = te.placeholder((C,), "int32", name="shift")
+    s = tvm.tirx.const(float(scale), "float32")
+    half = tvm.tirx.const(0.5, "float32")
+
+    def qval(*idx):
+        c = idx[channel_axis]
+        v = tvm.tirx.floor(x(*idx) / s + half)
+        v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(float(hi), "float32")),
+                         tvm.tirx.const(float(lo), "float32"))
+        q = v.astype("int32")
+        low = rank[c] < counts[li]
+        q = tvm.tirx.Select(low, _lower_expr(q, shift[c], lo4, hi4), q)
+        return q.astype(odt)
+
+    if nd == 4 and channel_axis == 1:
+        pt, pl, pb, pr = _norm_pad(pad)
+        N, _, H, W = shape
+        oshape = (N, C, H + pt + pb, W + pl + pr)
+        if pt or pl or pb or pr:
+
+            def fcomp(n, c, h, w):
+                inside = tvm.tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+                return tvm.tirx.if_then_else(
+                    inside, qval(n, c, h - pt, w - pl), tvm.tirx.const(0, odt))
+        else:
+            fcomp = qval
+        q = te.compute(oshape, fcomp, name="q")
+        layout = "NCHW"
+    else:
+        if _norm_pad(pad) != (0, 0, 0, 0):
+            raise ValueError("padding is only supported for the NCHW layout")
+        q = te.compute(shape, qval, name="q")
+        layout = "NC"
+    func = te.create_prim_func([x, counts, rank, shift, q])
+    return _finish(func, "quantize_act", layout=layout, layer_index=li, unsigned=bool(unsigned))
+
+
+# --------------------------------------------------------------------------- lower_weight
+def lower_weight(
+    w_shape: Sequence[int],
+    groups: int = 1,
+    n_groups: int = 1,
+    layer_index: int = 0,
+    num_layers: int = 1,
+    in_channels: int | None = None,
+    ob: int | None = None,
+    layout: str | None = None,
+) -> tvm.tirx.PrimFunc:
+    """Lower the low channels of an INT8 weight and re-layout it for the conv/dense kernel.
+
+    Params ``(w i8[O,Cg,KH,KW] | i8[O,C], counts i32[L], rank i32[C], wshift i32[O,n_groups],
+    w_l)``; ``w_l`` is int8 ``[O//ob, Cg, KH, KW, ob]`` (conv) or ``[O//ob, C, ob]`` (dense).
+    ``n_groups`` is the number of lowering groups of the layer (columns of ``wshift``).
+    """
+    w_shape = tuple(int(s) for s in w_shape)
+    L, li = int(num_layers), int(layer_index)
+    counts = te.placeholder((L,), "int32", name="counts")
+    w = te.placeholder(w_shape, "int8", name="w")
+    zero8 = tvm.tirx.const(0, "int8")
+    minus1 = tvm.tirx.const(-1, "int32")
+
+    # Three stages (all fused in one PrimFunc): w_e = the shift of each (o, c) pair, or -1 when c
+    # is not low (O*C values, in the output's (o, c) order); w_t = the raw weight moved into the
+    # output layout (a byte transpose); w_l = lower(w_t, w_e) elementwise (vectorizes: w_e is
+    # contiguous along the output's innermost axes).
+    def shift_of(o, c):
+        r = rank[c]
+        return tvm.tirx.Select(r < counts[li], wshift[o, r], minus1)
+
+    def apply(v8, e):
+        v = v8.astype("int32")
+        lv = _lower_expr(v, tvm.tirx.max(e, _i32(0)), -8, 7)
+        return tvm.tirx.Select(e >= 0, lv, v).astype("int8")
+
+    if len(w_shape) == 4:
+        O, Cg, KH, KW = w_shape
+        C = Cg * groups if in_channels is None else int(in_channels)
+        assert C == Cg * groups and O % groups == 0
+        opg = O // groups
+        layout, ob = _resolve_layout(O, groups, Cg, layout, ob)
+        bpg = opg // ob
+        rank = te.placeholder((C,), "int32", name="rank")
+        wshift = te.placeholder((O, int(n_groups)), "int32", name="wshift")
+
+        if layout == "OIHWo":
+            we = te.compute(
+                (O // ob, Cg, ob),
+                lambda oo, ci, oi: shift_of(oo * ob + oi, (oo // bpg) * Cg + ci), name="w_e")
+            wt = te.compute(
+                (O // ob, Cg, KH, KW, ob),
+                lambda oo, ci, kh, kw, oi: w[oo * ob + oi, ci, kh, kw], name="w_t")
+            wl = te.compute(
+                (O // ob, Cg, KH, KW, ob),
+                lambda oo, ci, kh, kw, oi: apply(wt[oo, ci, kh, kw, oi], we[oo, ci, oi]),
+                name="w_l")
+        else:
+            CB = (Cg + 3) // 4
+
+            def fe(oo, cb, oi, j):
+                ci = cb * 4 + j
+                e = shift_of(oo * ob + oi, (oo // bpg) * Cg + ci)
+                return e if Cg % 4 == 0 else tvm.tirx.if_then_else(ci < Cg, e, minus1)
+
+            def ft(oo, cb, kh, kw, oi, j):
+                ci = cb * 4 + j
+                v = w[oo * ob + oi, ci, kh, kw]
+                return v if Cg % 4 == 0 else tvm.tirx.if_then_else(ci < Cg, v, zero8)
+
+            we = te.compute((O // ob, CB, ob, 4), fe, name="w_e")
+            wt = te.compute((O // ob, CB, KH, KW, ob, 4), ft, name="w_t")
+            wl = te.compute(
+                (O // ob, CB, KH, KW, ob, 4),
+                lambda oo, cb, kh, kw, oi, j: apply(wt[oo, cb, kh, kw, oi, j], we[oo, cb, oi, j]),
+                name="w_l")
+    elif len(w_shape) == 2:
+        assert groups == 1
+        O, C = w_shape
+        ob = choose_ob(O, 1) if ob is None else int(ob)
+        assert O % ob == 0
+        rank = te.placeholder((C,), "int32", name="rank")
+        wshift = te.placeholder((O, int(n_groups)), "int32", name="wshift")
+        we = te.compute((O // ob, C, ob), lambda oo, c, oi: shift_of(oo * ob + oi, c), name="w_e")
+        wt = te.compute((O // ob, C, ob), lambda oo, c, oi: w[oo * ob + oi, c], name="w_t")
+        wl = te.compute((O // ob, C, ob),
+                        lambda oo, c, oi: apply(wt[oo, c, oi], we[oo, c, oi]), name="w_l")
+        layout = "OIo"
+    else:
+        raise ValueError(f"bad weight shape {w_shape}")
+    func = te.create_prim_func([w, counts, rank, wshift, wl])
+    return _finish(func, "lower_weight", layout=layout, ob=int(ob), groups=int(groups),
+                   layer_index=li)
+
+
+# --------------------------------------------------------------------------- conv / dense
+def conv2d_int8(
+    x_padded_shape: Sequence[int],
+    w_shape: Sequence[int],
+    strides=1,
+    dilation=1,
+    groups: int = 1,
+    unsigned: bool = False,
+    out: str = "float",
+    ob: int | None = None,
+    exact_epilogue: bool = True,
+    layout: str | None = None,
+) -> tvm.tirx.PrimFunc:
+    """INT8 conv2d over an already padded NCHW input, weight in the lowered layout.
+
+    ``w_shape`` is the LOGICAL weight shape ``(O, Cg, KH, KW)``.  Params
+    ``(qx i8|u8[N,C,Hp,Wp], w_l i8[conv_weight_layout_shape(...)], scale f32[O], bias f32[O], y)``;
+    ``y`` is f32 ``[N,O,OH,OW]`` = ``f32(acc) * scale[o] + bias[o]`` (``out="float"``) or the
+    int32 accumulator (``out="acc"``).
+    """
+    N, C, Hp, Wp = (int(v) for v in x_padded_shape)
+    O, Cg, KH, KW = (int(v) for v in w_shape)
+    assert C == Cg * groups and O % groups == 0, (x_padded_shape, w_shape, groups)
+    sh, sw = _pair(strides)
+    dh, dw = _pair(dilation)
+    _, _, OH, OW = conv_out_shape(x_padded_shape, w_shape, strides, dilation)
+    assert OH > 0 and OW > 0
+    opg = O // groups
+    layout, ob = _resolve_layout(O, groups, Cg, layout, ob)
+    bpg = opg // ob  # o-blocks per conv group
+
+    qx = te.placeholder((N, C, Hp, Wp), "uint8" if unsigned else "int8", name="qx")
+    scale = te.placeholder((O,), "float32", name="scale")
+    bias = te.placeholder((O,), "float32", name="bias")
+    rh = te.reduce_axis((0, KH), name="rh")
+    rw = te.reduce_axis((0, KW), name="rw")
+    if layout == "OIHWo":
+        wl = te.placeholder((O // ob, Cg, KH, KW, ob), "int8", name="w_l")
+        rc = te.reduce_axis((0, Cg), name="rc")
+        acc = te.compute(
+            (N, O // ob, OH, OW, ob),
+            lambda n, oo, oh, ow, oi: te.sum(
+                qx[n, (oo // bpg) * Cg + rc, oh * sh + rh * dh, ow * sw + rw * dw]
+                .astype("int32") * wl[oo, rc, rh, rw, oi].astype("int32"),
+                axis=[rc, rh, rw],
+            ),
+            name="acc",
+        )
+        offset = None
+    else:
+        # VNNI layout: activations repacked to [N, groups*CB, Hp, Wp, 4] uint8 (4 channels per
+        # 32-bit lane; signed codes get +128 and the accumulator -128 * sum(w) per o).
+        CB = (Cg + 3) // 4
+        wl = te.placeholder((O // ob, CB, KH, KW, ob, 4), "int8", name="w_l")
+
+        def repack(n, b, h, w_, j):
+            ci = (b % CB) * 4 + j
+            v = qx[n, (b // CB) * Cg + ci, h, w_]
+            v = v if unsigned else (v.astype("int32") + 128).astype("uint8")
+            if Cg % 4 == 0:
+                return v
+            return tvm.tirx.if_then_else(ci < Cg, v, tvm.tirx.const(0, "uint8"))
+
+        xr = te.compute((N, groups * CB, Hp, Wp, 4), repack, name="x_r")
+        rb = te.reduce_axis((0, CB), name="rb")
+        rj = te.reduce_axis((0, 4), name="rj")
+        if unsigned:
+            offset = None
+        else:
+            # signed: acc = sum((x + 128) * w) - 128 * sum(w), the correction added in the
+            # epilogue (note: te.create_prim_func silently ignores a te.sum(init=tensor))
+            sb = te.reduce_axis((0, CB), name="sb")
+            sh_ = te.reduce_axis((0, KH), name="sh")
+            sw_ = te.reduce_axis((0, KW), name="sw")
+            sj = te.reduce_axis((0, 4), name="sj")
+            wsum = te.compute(
+                (O // ob, ob),
+                lambda oo, oi: te.sum(wl[oo, sb, sh_, sw_, oi, sj].astype("int32")
+                                      * tvm.tirx.const(-128, "int32"),
+                                      axis=[sb, sh_, sw_, sj]),
+                name="w_sum")  # = -128 * sum(w)
+            offset = wsum
+        acc = te.compute(
+            (N, O // ob, OH, OW, ob),
+            lambda n, oo, oh, ow, oi: te.sum(
+                xr[n, (oo // bpg) * CB + rb, oh * sh + rh * dh, ow * sw + rw * dw, rj]
+                .astype("int32") * wl[oo, rb, rh, rw, oi, rj].astype("int32"),
+                axis=[rb, rh, rw, rj],
+            ),
+            name="acc",
+        )
+
+    def acc_at(n, o, oh, ow):
+        a = acc[n, o // ob, oh, ow, o % ob]
+        if offset is not None:
+            a = a + offset[o // ob, o % ob]
+        return a
+
+    fence = _no_contract if exact_epilogue else (lambda v: v)
+    if out == "float":
+        y = te.compute(
+            (N, O, OH, OW),
+            lambda n, o, oh, ow: fence(acc_at(n, o, oh, ow).astype("float32") * scale[o])
+            + bias[o],
+            name="y",
+        )
+    elif out == "acc":
+        y = te.compute((N, O, OH, OW), acc_at, name="y")
+    else:
+        raise ValueError(f"out must be 'float' or 'acc', got {out!r}")
+    func = te.create_prim_func([qx, wl, scale, bias, y])
+    return _finish(func, "conv2d_int8", ob=int(ob), groups=int(groups), out=out,
+                   unsigned=bool(unsigned), layout=layout)
+
+
+def dense_int8(
+    x_shape: Sequence[int],
+    w_shape: Sequence[int],
+    unsigned: bool = False,
+    out: str = "float",
+    ob: int | None = None,
+    exact_epilogue: bool = True,
+) -> tvm.tirx.PrimFunc:
+    """INT8 dense. ``w_shape`` is the logical ``(O, C)``.  Params
+    ``(qx i8|u8[M,C], w_l i8[O//ob,C,ob], scale f32[O], bias f32[O], y)``, ``y`` f32 ``[M,O]``
+    (or int32 accumulator with ``out="acc"``)."""
+    M, C = (int(v) for v in x_shape)
+    O, C2 = (int(v) for v in w_shape)
+    assert C == C2
+    ob = choose_ob(O, 1) if ob is None else int(ob)
+    assert O % ob == 0
+    qx = te.placeholder((M, C), "uint8" if unsigned else "int8", name="qx")
+    wl = te.placeholder((O // ob, C, ob), "int8", name="w_l")
+    scale = te.placeholder((O,), "float32", name="scale")
+    bias = te.placeholder((O,), "float32", name="bias")
+    rc = te.reduce_axis((0, C), name="rc")
+    acc = te.compute(
+        (M, O // ob, ob),
+        lambda m, oo, oi: te.sum(
+            qx[m, rc].astype("int32") * wl[oo, rc, oi].astype("int32"), axis=[rc]),
+        name="acc",
+    )
+    fence = _no_contract if exact_epilogue else (lambda v: v)
+    if out == "float":
+        y = te.compute(
+            (M, O),
+            lambda m, o: fence(acc[m, o // ob, o % ob].astype("float32") * scale[o]) + bias[o],
+            name="y")
+    elif out == "acc":
+        y = te.compute((M, O), lambda m, o: acc[m, o // ob, o % ob], name="y")
+    else:
+        raise ValueError(f"out must be 'float' or 'acc', got {out!r}")
+    func = te.create_prim_func([qx, wl, scale, bias, y])
+    return _finish(func, "dense_int8", ob=int(ob), out=out, unsigned=bool(unsigned))

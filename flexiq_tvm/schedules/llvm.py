@@ -1,0 +1,363 @@
+"""llvm (x86, 2 cores) schedules of the FlexiQ layer kernels.
+
+``schedule_llvm(func, target)`` dispatches on the PrimFunc attr ``"flexiq.kernel"`` (see
+``compute.py``) and returns a scheduled PrimFunc (parallel + vectorized).  Functions without the
+attr are returned unchanged.  ``schedule_fallback(func, target)`` returns a correct, lightly
+scheduled version (only an outer ``parallel``), used when scheduling is disabled or when a
+schedule fails.
+
+Strategies:
+
+* ``conv2d_int8`` with output-channel block ``ob > 1`` (weight layout ``[O//ob, Cg, KH, KW, ob]``):
+  register tile ``owt x ob`` int32 accumulators; loop nest
+  ``(n, oo, oh) parallel -> owo -> rc, rh, rw -> owi (unrolled) -> oi (vectorized)``: one
+  ``ob``-wide weight vector load per tap and a broadcast activation per output column; the
+  float (or int32) epilogue is computed at the ``owo`` loop from the register tile.
+* depthwise (``ob == 1``): vectorize along the output row instead
+  (``(n, o, oh) parallel -> owo -> rh, rw -> owv (vectorized)``).
+* ``dense_int8``: ``(m, oo) -> c -> oi (vectorized)``, parallel only when large.
+* ``quantize_act`` / ``lower_weight``: parallel outer loops, vectorized innermost axis.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir
+
+from .compute import KERNEL_ATTR
+
+__all__ = ["default_target", "schedule_llvm", "schedule_fallback", "build", "KERNEL_ATTR"]
+
+# below this many multiply-accumulates a kernel runs single threaded (thread-pool launch costs
+# a few microseconds)
+_PARALLEL_MIN_WORK = 1 << 15
+
+
+def default_target() -> tvm.target.Target:
+    return tvm.target.Target(
+        {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
+
+
+def _kind(func):
+    if func.attrs is None or KERNEL_ATTR not in func.attrs:
+        return None
+    return str(func.attrs[KERNEL_ATTR])
+
+
+def _attr(func, name, default=None):
+    key = "flexiq." + name
+    if func.attrs is None or key not in func.attrs:
+        return default
+    v = func.attrs[key]
+    try:
+        return int(v)
+    except Exception:  # noqa: BLE001
+        return str(v)
+
+
+def _extent(sch, loop):
+    return int(sch.get(loop).extent)
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    for d in range(min(n, limit), 0, -1):
+        if n % d == 0:
+            return d
+    return 1
+
+
+def _buf_shape(func, name):
+    for p in func.params:  # 0.27: buffer params are buffer-typed Vars (no buffer_map)
+        b = func.buffer_map[p] if hasattr(func, "buffer_map") else p
+        if str(b.name) == name:
+            return [int(s) for s in b.shape]
+    raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- schedules
+def _vec_inner(sch, loop, limit=64):
+    """Vectorize ``loop`` (splitting off a divisor <= limit when it is longer)."""
+    ext = _extent(sch, loop)
+    if ext > limit:
+        _, loop = sch.split(loop, [None, _largest_divisor(ext, limit)])
+    sch.vectorize(loop)
+
+
+def _sched_quantize(sch: s_tir.Schedule, func):
+    blk = sch.get_sblock("q")
+    loops = sch.get_loops(blk)
+    total = 1
+    for s in _buf_shape(func, "q"):
+        total *= s
+    par = total >= _PARALLEL_MIN_WORK
+    if len(loops) == 4:  # NCHW padded
+        n, c, h, w = loops
+        nc = sch.fuse(n, c)
+        if par:
+            sch.parallel(nc)
+        try:
+            # if_then_else(inside, quant(x), 0) -> zero fill of the plane + interior block, so
+            # that both vectorize (a vector condition would make TVM scalarize the loop)
+            fill = sch.decompose_padding(blk, h)
+            fh, fw = sch.get_loops(fill)[-2:]
+            _vec_inner(sch, sch.fuse(fh, fw), 64)
+        except Exception:  # noqa: BLE001  (no padding: nothing to decompose)
+            pass
+        _vec_inner(sch, sch.get_loops(blk)[-1], 64)
+    else:  # channel-last [.., C]
+        *outer_loops, c = loops
+        Cc = _extent(sch, c)
+        if Cc > 64:
+            co, c = sch.split(c, [None, _largest_divisor(Cc, 64)])
+            outer_loops.append(co)
+        outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+        if par:
+            sch.parallel(outer)
+        sch.vectorize(c)
+
+
+def _sched_lower_weight(sch: s_tir.Schedule, func):
+    total = 1
+    for s in _buf_shape(func, "w_l"):
+        total *= s
+    layout = _attr(func, "layout", "OIHWo")
+    # elementwise and small: threads only pay off for big weights (measured: a 2-thread
+    # split of a 37k-element lowering was slower on the shared 2-core machine)
+    par = total >= (1 << 20)
+    # w_e: (o, c) shift table, small
+    we = sch.get_sblock("w_e")
+    sch.vectorize(sch.get_loops(we)[-1])
+    # w_t: byte transpose; scalar, iterated in the INPUT order (sequential reads). A vectorized
+    # version (gathers) measured 3x slower.
+    wt = sch.get_sblock("w_t")
+    tl = sch.get_loops(wt)
+    if layout == "OIHWo4i":
+        oo, cb, kh, kw, oi, j = tl
+        sch.reorder(oo, oi, cb, j, kh, kw)
+    elif layout == "OIHWo":
+        oo, ci, kh, kw, oi = tl
+        sch.reorder(oo, oi, ci, kh, kw)
+    else:  # dense OIo
+        oo, c, oi = tl
+        sch.reorder(oo, oi, c)
+    if par:
+        sch.parallel(tl[0])
+    # w_l: elementwise lowering, vectorized along the output's inner (oi[, j]) axes
+    n_inner = 2 if layout == "OIHWo4i" else 1
+    blk = sch.get_sblock("w_l")
+    loops = sch.get_loops(blk)
+    inner = loops[-n_inner:]
+    outer = loops[:-n_inner]
+    vin = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+    if _extent(sch, vin) == 1 and len(outer) > 2:
+        # ob == 1 (depthwise): vectorize over the taps instead
+        vin = sch.fuse(*outer[2:], vin)
+        outer = outer[:2]
+    vo = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if par:
+        sch.parallel(vo)
+    if _extent(sch, vin) > 1:
+        _vec_inner(sch, vin, 64)
+
+
+def _has_vnni(target) -> bool:
+    try:
+        from tvm.target import codegen
+
+        tgt = default_target() if target is None else tvm.target.Target(target)
+        if str(tgt.kind.name) != "llvm":
+            return False
+        return bool(codegen.target_has_features(["avx512vnni", "avx512bw"], tgt))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
+    ob = _attr(func, "ob", 16)
+    acc = sch.get_sblock("acc")
+    y = sch.get_sblock("y")
+    n, oo, oh, ow, oi, rb, rh, rw, rj = sch.get_loops(acc)
+    OW = _extent(sch, ow)
+    yshape = _buf_shape(func, "y")
+    N, O, OH = yshape[0], yshape[1], yshape[2]
+    CB, KH, KW = _extent(sch, rb), _extent(sch, rh), _extent(sch, rw)
+    work = N * O * OH * OW * CB * 4 * KH * KW
+    par = work >= _PARALLEL_MIN_WORK
+
+    # activation repack [N, G*CB, Hp, Wp, 4]
+    xr = sch.get_sblock("x_r")
+    xn, xb, xh, xw, xj = sch.get_loops(xr)
+    xo = sch.fuse(xn, xb, xh)
+    if par:
+        sch.parallel(xo)
+    # NOT vectorized: the 4-channel interleave makes TVM emit element-wise gathers (measured 20x
+    # slower than this scalar loop, which LLVM turns into plain byte moves)
+    sch.unroll(xj)
+
+    # sum of weights (signed activations only)
+    try:
+        ws = sch.get_sblock("w_sum")
+    except Exception:  # noqa: BLE001
+        ws = None
+    if ws is not None:
+        so, si, sb, sh_, sw_, sj = sch.get_loops(ws)
+        sch.reorder(so, sb, sh_, sw_, sj, si)
+        sch.vectorize(si)
+        sch.decompose_reduction(ws, sb)
+
+    # schedule from the output side (the acc tile is computed at y's tile loop; reverse
+    # compute-at is impossible because y also reads w_sum, which lives outside the tile loop)
+    owt = _largest_divisor(OW, 14 if ob >= 16 else 24)
+    yn, yo, yoh, yow = sch.get_loops(y)
+    yoo, yoi = sch.split(yo, [None, ob])
+    yowo, yowi = sch.split(yow, [None, owt])
+    sch.reorder(yn, yoo, yoh, yowo, yoi, yowi)
+    outer = sch.fuse(yn, yoo, yoh)
+    if par:
+        sch.parallel(outer)
+    sch.vectorize(yowi)
+    sch.compute_at(acc, yowo)
+    # (acc stays "global" scope: the intrinsic's buffers are global; after compute-at it is a
+    # small per-thread tile that CompactBufferAllocation shrinks and LLVM keeps on the stack)
+    # loops compute_at created under the tile loop follow the block's iter vars, unit extents
+    # omitted: identify them by position and extent
+    new = sch.get_loops(acc)[2:]
+    want = [(nm, e) for nm, e in
+            (("owi", owt), ("oi", ob), ("rb", CB), ("rh", KH), ("rw", KW), ("rj", 4)) if e > 1]
+    assert [e for _, e in want] == [_extent(sch, l) for l in new], (want, len(new))
+    L = {nm: l for (nm, _), l in zip(want, new)}
+    order = [L[nm] for nm in ("rb", "rh", "rw", "owi", "oi", "rj") if nm in L]
+    sch.reorder(*order)
+    init = sch.decompose_reduction(acc, order[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    oi = L["oi"]
+    owi = L.get("owi")
+    rw = L.get("rw")
+    intrin = None
+    if _has_vnni(target) and ob in (8, 16):
+        from .x86_intrin import get_intrin
+
+        try:
+            intrin = get_intrin(ob, default_target() if target is None else target)
+        except RuntimeError:
+            intrin = None
+    if intrin is not None:
+        sch.tensorize(oi, intrin)
+    else:
+        sch.unroll(L["rj"])
+        sch.vectorize(oi)
+    if owi is not None:
+        sch.unroll(owi)
+    if rw is not None and KW <= 4:
+        sch.unroll(rw)
+
+
+def _sched_conv(sch: s_tir.Schedule, func, target=None):
+    if _attr(func, "layout", "OIHWo") == "OIHWo4i":
+        return _sched_conv_vnni(sch, func, target)
+    ob = _attr(func, "ob", 1)
+    acc = sch.get_sblock("acc")
+    y = sch.get_sblock("y")
+    n, oo, oh, ow, oi, rc, rh, rw = sch.get_loops(acc)
+    OW = _extent(sch, ow)
+    yshape = _buf_shape(func, "y")
+    N, O, OH = yshape[0], yshape[1], yshape[2]
+    Cg, KH, KW = _extent(sch, rc), _extent(sch, rh), _extent(sch, rw)
+    work = N * O * OH * OW * Cg * KH * KW
+    if ob > 1:
+        owt = _largest_divisor(OW, 8 if ob >= 16 else 16)
+        owo, owi = sch.split(ow, [None, owt])
+        sch.reorder(n, oo, oh, owo, rc, rh, rw, owi, oi)
+        outer = sch.fuse(n, oo, oh)
+        if work >= _PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        sch.reverse_compute_at(y, owo)
+        # epilogue: loops (o, ow) under owo -> vectorize ow (contiguous in y)
+        sch.vectorize(sch.get_loops(y)[-1])
+        sch.unroll(owi)
+        if KW <= 4:
+            sch.unroll(rw)
+        sch.vectorize(oi)
+        sch.decompose_reduction(acc, rc)
+    else:
+        # depthwise / ob == 1: vectorize along the output row
+        V = OW if OW <= 64 else _largest_divisor(OW, 64)
+        owo, owv = sch.split(ow, [None, V])
+        sch.reorder(n, oo, oh, owo, oi, rc, rh, rw, owv)
+        outer = sch.fuse(n, oo, oh)
+        if work >= _PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        sch.reverse_compute_at(y, owo)
+        sch.vectorize(sch.get_loops(y)[-1])
+        if KH * KW <= 16:
+            sch.unroll(rh)
+            sch.unroll(rw)
+        sch.vectorize(owv)
+        init = sch.decompose_reduction(acc, rc)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _sched_dense(sch: s_tir.Schedule, func):
+    acc = sch.get_sblock("acc")
+    y = sch.get_sblock("y")
+    m, oo, oi, rc = sch.get_loops(acc)
+    M, OO, OB, C = (_extent(sch, l) for l in (m, oo, oi, rc))
+    sch.reorder(m, oo, rc, oi)
+    outer = sch.fuse(m, oo)
+    if M * OO * OB * C >= _PARALLEL_MIN_WORK and M * OO >= 2:
+        sch.parallel(outer)
+    sch.reverse_compute_at(y, outer)
+    sch.vectorize(sch.get_loops(y)[-1])
+    sch.vectorize(oi)
+    sch.decompose_reduction(acc, rc)
+
+
+_SCHEDULES = {
+    "quantize_act": _sched_quantize,
+    "lower_weight": _sched_lower_weight,
+    "conv2d_int8": _sched_conv,
+    "dense_int8": _sched_dense,
+}
+
+
+def schedule_llvm(func: tvm.tirx.PrimFunc, target=None) -> tvm.tirx.PrimFunc:
+    """Schedule a FlexiQ kernel for the llvm target (dispatch on ``"flexiq.kernel"``)."""
+    kind = _kind(func)
+    if kind is None or kind not in _SCHEDULES:
+        return func
+    sch = s_tir.Schedule(func)
+    if kind == "conv2d_int8":
+        _sched_conv(sch, func, target)
+    else:
+        _SCHEDULES[kind](sch, func)
+    return sch.mod["main"]
+
+
+def schedule_fallback(func: tvm.tirx.PrimFunc, target=None) -> tvm.tirx.PrimFunc:
+    """Minimal schedule that is always legal: parallelize the outermost loop of the output
+    block (a spatial loop); on any error return the function unchanged (naive loops)."""
+    kind = _kind(func)
+    if kind is None:
+        return func
+    try:
+        sch = s_tir.Schedule(func)
+        out = sch.get_output_blocks(sch.get_sblock("root"))[0] if False else None
+        name = {"quantize_act": "q", "lower_weight": "w_l"}.get(kind, "y")
+        blk = sch.get_sblock(name)
+        loops = sch.get_loops(blk)
+        if loops:
+            sch.parallel(loops[0])
+        del out
+        return sch.mod["main"]
+    except Exception:  # noqa: BLE001
+        return func
+
+
+def build(func: tvm.tirx.PrimFunc, name: str = "main", target=None, schedule: bool = True):
+    """Schedule (or not) and build one kernel; returns the ``tvm.runtime.Executable``.
+
+    The callable is ``build(...)[name]`` (global_symbol is set to ``name``)."""
+    target = default_target() if target is None else target
+    f = schedule_llvm(func, target) if schedule else schedule_fallback(func, target)
+    f = f.with_attr("global_symbol", name)
+    return tvm.compile(tvm.IRModule({name: f}), target=target)

@@ -1,0 +1,38 @@
+"""The interface every target implements."""
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+from ..schedules.compute import KERNEL_ATTR
+
+
+class FlexiQTarget:
+    """Schedules the FlexiQ kernels of a rewritten module and builds it with TVM."""
+
+    name = "base"
+
+    def __init__(self, tvm_target: tvm.target.Target):
+        self.tvm_target = tvm_target
+
+    def schedule_kernel(self, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+        raise NotImplementedError
+
+    def schedule_kernels(self, mod: tvm.IRModule) -> tvm.IRModule:
+        """Module pass body: every PrimFunc tagged `flexiq.kernel` gets this target's schedule,
+        and is marked opaque so that TVM's fusion leaves it as scheduled."""
+        out = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs:
+                func = self.schedule_kernel(func).with_attr("op_pattern", 8)  # kOpaque
+            out[gv] = func
+        new = tvm.IRModule(out, attrs=mod.attrs)
+        return new
+
+    def build(self, mod: tvm.IRModule):
+        mod = self.schedule_kernels(mod)
+        return tvm.compile(mod, target=self.tvm_target, relax_pipeline=relax.get_default_pipeline(self.tvm_target))
+
+    def device(self):
+        kind = self.tvm_target.kind.name
+        return tvm.cpu() if kind in ("llvm", "c") else tvm.device(kind, 0)

@@ -1,0 +1,90 @@
+"""Shared fixtures: small ONNX graphs built in code, the shipped demo assets."""
+import os
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+ASSETS = os.path.join(ROOT, "flexiq_tvm", "assets")
+
+
+class GraphBuilder:
+    """Builds a single-input float ONNX model node by node (weights as initializers)."""
+
+    def __init__(self, input_shape, seed=0):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits = [], []
+        self.input_shape = tuple(input_shape)
+        self.cur = "input"
+        self.n = 0
+
+    def _name(self, p):
+        self.n += 1
+        return f"{p}{self.n}"
+
+    def const(self, arr, p="w"):
+        name = self._name(p)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+        return name
+
+    def node(self, op, inputs, **attrs):
+        out = self._name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        self.cur = out
+        return out
+
+    def conv(self, cin, cout, k=3, stride=1, pad=1, dilation=1, groups=1, bias=True):
+        w = self.rng.standard_normal((cout, cin // groups, k, k)).astype(np.float32)
+        w *= self.rng.uniform(0.2, 1.5, (1, cin // groups, 1, 1)) / np.sqrt(cin // groups * k * k)
+        ins = [self.cur, self.const(w)]
+        if bias:
+            ins.append(self.const(self.rng.standard_normal(cout) * 0.1, "b"))
+        return self.node("Conv", ins, kernel_shape=[k, k], strides=[stride, stride], pads=[pad] * 4,
+                         dilations=[dilation, dilation], group=groups)
+
+    def relu(self):
+        return self.node("Relu", [self.cur])
+
+    def flatten(self):
+        return self.node("Flatten", [self.cur], axis=1)
+
+    def gap(self):
+        return self.node("GlobalAveragePool", [self.cur])
+
+    def gemm(self, cin, cout):
+        w = self.rng.standard_normal((cout, cin)).astype(np.float32) / np.sqrt(cin)
+        return self.node("Gemm", [self.cur, self.const(w), self.const(self.rng.standard_normal(cout) * 0.1, "b")],
+                         transB=1)
+
+    def matmul(self, cin, cout):
+        w = self.rng.standard_normal((cin, cout)).astype(np.float32) / np.sqrt(cin)
+        return self.node("MatMul", [self.cur, self.const(w)])
+
+    def save(self, path, out_rank=None):
+        out_rank = out_rank or (2 if self.nodes[-1].op_type in ("Gemm", "MatMul", "Flatten") else 4)
+        g = helper.make_graph(self.nodes, "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *self.input_shape])],
+                              [helper.make_tensor_value_info(self.cur, TensorProto.FLOAT, ["N"] + [None] * (out_rank - 1))],
+                              self.inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        onnx.checker.check_model(m)
+        onnx.save(m, str(path))
+        return str(path)
+
+
+@pytest.fixture
+def graph():
+    return GraphBuilder
+
+
+@pytest.fixture(scope="session")
+def demo_paths():
+    return {k: os.path.join(ASSETS, f) for k, f in
+            [("model", "fashion_cnn.onnx"), ("calib", "fashion_calib.npz"), ("test", "fashion_test.npz")]}

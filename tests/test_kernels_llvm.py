@@ -1,0 +1,443 @@
+"""Bit-exact tests of the FlexiQ llvm kernels (flexiq_tvm/schedules) against numpy references.
+
+The references below are written independently of the TE definitions: int64 numpy arithmetic,
+the convolution as an explicit per-tap (kh, kw) shifted-slice accumulation (im2col-free loop
+formulation), the weight lowering per element from the definition.
+
+Run: python3 -m pytest tests/test_kernels_llvm.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from flexiq_tvm.schedules import compute as fc  # noqa: E402
+from flexiq_tvm.schedules import llvm as fl  # noqa: E402
+
+TARGET = fl.default_target()
+DEV = tvm.cpu()
+
+
+# ----------------------------------------------------------------------------- references
+def ref_lower(q, e, lo4, hi4):
+    q = np.asarray(q, np.int64)
+    e = np.asarray(e, np.int64)
+    return np.clip((q + ((np.int64(1) << e) >> 1)) >> e, lo4, hi4) << e
+
+
+def ref_quant(x, s, unsigned):
+    lo, hi = (0, 255) if unsigned else (-127, 127)
+    v = np.floor(x.astype(np.float32) / np.float32(s) + np.float32(0.5))
+    assert v.dtype == np.float32
+    return np.clip(v, lo, hi).astype(np.int64)
+
+
+def ref_quantize_act(x, s, unsigned, rank, shift, k, channel_axis, pad=(0, 0, 0, 0)):
+    q = ref_quant(x, s, unsigned)
+    lo4, hi4 = (0, 15) if unsigned else (-8, 7)
+    bshape = [1] * x.ndim
+    bshape[channel_axis] = -1
+    low = (rank < k).reshape(bshape)
+    e = shift.reshape(bshape)
+    q = np.where(low, ref_lower(q, e, lo4, hi4), q)
+    if x.ndim == 4:
+        t, l, b, r = pad
+        q = np.pad(q, ((0, 0), (0, 0), (t, b), (l, r)))
+    return q
+
+
+def ref_lower_weight(w, rank, wshift, k, groups):
+    """Per-element definition; returns the LOGICAL-layout lowered weight (int64)."""
+    w = w.astype(np.int64)
+    out = w.copy()
+    O = w.shape[0]
+    Cg = w.shape[1]
+    opg = O // groups
+    for o in range(O):
+        for ci in range(Cg):
+            c = (o // opg) * Cg + ci
+            r = rank[c]
+            if r < k:
+                out[o, ci] = ref_lower(w[o, ci], wshift[o, r], -8, 7)
+    return out
+
+
+def ref_conv_acc(qxp, w, strides, dilation, groups):
+    """qxp: padded int activations [N,C,Hp,Wp]; w logical [O,Cg,KH,KW]; int64 accumulator."""
+    qxp = qxp.astype(np.int64)
+    w = w.astype(np.int64)
+    N, C, Hp, Wp = qxp.shape
+    O, Cg, KH, KW = w.shape
+    sh, sw = strides
+    dh, dw = dilation
+    OH = (Hp - dh * (KH - 1) - 1) // sh + 1
+    OW = (Wp - dw * (KW - 1) - 1) // sw + 1
+    opg = O // groups
+    acc = np.zeros((N, O, OH, OW), np.int64)
+    for g in range(groups):
+        xg = qxp[:, g * Cg:(g + 1) * Cg]
+        wg = w[g * opg:(g + 1) * opg]
+        for kh in range(KH):
+            for kw in range(KW):
+                patch = xg[:, :, kh * dh: kh * dh + sh * (OH - 1) + 1: sh,
+                           kw * dw: kw * dw + sw * (OW - 1) + 1: sw]  # [N,Cg,OH,OW]
+                acc[:, g * opg:(g + 1) * opg] += np.einsum(
+                    "nchw,oc->nohw", patch, wg[:, :, kh, kw])
+    return acc
+
+
+def blocked(wlog, ob, layout="OIHWo"):
+    """Logical [O, ...] -> "OIHWo" [O//ob, ..., ob] or "OIHWo4i" [O//ob, ceil(Cg/4), KH, KW,
+    ob, 4] (input channels zero-padded to a multiple of 4)."""
+    O = wlog.shape[0]
+    if layout == "OIHWo4i":
+        Cg = wlog.shape[1]
+        CB = -(-Cg // 4)
+        wp = np.zeros((O, CB * 4) + wlog.shape[2:], wlog.dtype)
+        wp[:, :Cg] = wlog
+        r = wp.reshape((O // ob, ob, CB, 4) + wlog.shape[2:])  # oo, oi, cb, j, kh, kw
+        return r.transpose(0, 2, 4, 5, 1, 3)
+    r = wlog.reshape((O // ob, ob) + wlog.shape[1:])
+    return np.moveaxis(r, 1, -1)
+
+
+# ----------------------------------------------------------------------------- helpers
+_CACHE = {}
+
+
+def build(func, name):
+    return fl.build(func, name=name, target=TARGET)[name]
+
+
+def run(f, args, out_shape, out_dtype):
+    targs = [tvm.runtime.tensor(a) for a in args]
+    out = tvm.runtime.empty(out_shape, out_dtype)
+    f(*targs, out)
+    return out.numpy()
+
+
+def make_rank(rng, C, n_groups):
+    gs = -(-C // n_groups)
+    r = (rng.permutation(C) // gs).astype(np.int32)
+    return r
+
+
+def k_values(rng, n_groups):
+    ks = {0, n_groups}
+    if n_groups > 1:
+        ks.add(int(rng.integers(1, n_groups)))
+    return sorted(ks)
+
+
+def rand_x(rng, shape, s, unsigned):
+    # spans beyond the clip range, plus exact .5 ties
+    lim = 140 if not unsigned else 270
+    v = rng.uniform(-lim if not unsigned else -10, lim, size=shape).astype(np.float32) * np.float32(s)
+    ties = (rng.integers(-120, 120, size=shape) + 0.5).astype(np.float32) * np.float32(s)
+    m = rng.random(shape) < 0.1
+    return np.where(m, ties, v).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- conv grid
+# (N, C, H, W, O, KH, KW, stride, pad, dilation, groups, unsigned)
+CONV_CASES = [
+    (1, 16, 9, 9, 16, 3, 3, 1, 1, 1, 1, False),
+    (3, 8, 7, 10, 24, 3, 3, 2, 1, 1, 1, True),
+    (1, 16, 8, 8, 32, 1, 1, 2, 0, 1, 1, False),
+    (3, 12, 9, 8, 8, 3, 3, 1, 0, 2, 1, True),
+    (1, 16, 10, 10, 16, 3, 3, 1, 1, 1, 2, False),
+    (3, 12, 6, 7, 6, 3, 3, 2, 1, 1, 2, True),     # groups=2, O//groups=3 (odd block)
+    (1, 16, 11, 11, 16, 3, 3, 1, 1, 1, 16, True),  # depthwise
+    (3, 8, 9, 9, 8, 3, 3, 2, 1, 1, 8, False),      # depthwise stride 2
+    (1, 8, 12, 12, 8, 3, 3, 1, 2, 2, 8, False),    # depthwise dilation 2 pad 2
+    (1, 1, 10, 10, 16, 3, 3, 1, 1, 1, 1, False),   # first layer C=1
+    (3, 20, 5, 5, 10, 1, 1, 1, 0, 1, 1, True),
+    (1, 4, 6, 6, 16, 3, 3, 1, 1, 1, 1, True),
+    (3, 6, 7, 7, 16, 3, 3, 1, 1, 1, 1, False),     # VNNI layout, Cg % 4 != 0 (zero-filled)
+    (1, 10, 6, 6, 16, 3, 3, 2, 1, 1, 2, True),     # VNNI layout, groups=2, Cg=5, 8 lanes
+    (3, 8, 5, 9, 32, 3, 3, 1, 1, 2, 1, False),     # VNNI, dilation 2, ob=16 x 2 blocks
+]
+
+
+def _rand_case(seed):
+    """Extra random conv case from the property grid."""
+    rng = np.random.default_rng(1000 + seed)
+    groups_kind = rng.choice(["1", "2", "dw"])
+    N = int(rng.choice([1, 3]))
+    if groups_kind == "dw":
+        C = int(rng.choice([4, 8, 12]))
+        O, groups = C, C
+    elif groups_kind == "2":
+        C = int(rng.choice([4, 8, 12]))
+        O = int(rng.choice([4, 8, 16]))
+        groups = 2
+    else:
+        C = int(rng.integers(1, 20))
+        O = int(rng.choice([5, 8, 16, 32]))
+        groups = 1
+    K = int(rng.choice([1, 3]))
+    s = int(rng.choice([1, 2]))
+    p = int(rng.choice([0, 1]))
+    d = int(rng.choice([1, 2])) if K == 3 else 1
+    H, W = int(rng.integers(5, 13)), int(rng.integers(5, 13))
+    return (N, C, H, W, O, K, K, s, p, d, groups, bool(rng.integers(0, 2)))
+
+
+ALL_CONV = CONV_CASES + [_rand_case(i) for i in range(4)]
+
+
+@pytest.mark.parametrize("case", ALL_CONV, ids=[f"conv{i}" for i in range(len(ALL_CONV))])
+def test_conv_pipeline_bit_exact(case):
+    N, C, H, W, O, KH, KW, st, p, d, groups, unsigned = case
+    rng = np.random.default_rng(abs(hash(case)) % (2**32))
+    Cg = C // groups
+    L, li = 3, 1
+    n_groups = max(1, min(C, int(rng.integers(1, 5))))
+    s_x = float(rng.uniform(0.01, 0.1))
+    pad = (p, p, p, p)
+    x = rand_x(rng, (N, C, H, W), s_x, unsigned)
+    w = rng.integers(-127, 128, size=(O, Cg, KH, KW)).astype(np.int8)
+    rank = make_rank(rng, C, n_groups)
+    shift = rng.integers(0, 5, size=C).astype(np.int32)
+    wshift = rng.integers(0, 5, size=(O, n_groups)).astype(np.int32)
+    scale = rng.uniform(1e-4, 1e-2, size=O).astype(np.float32)
+    bias = rng.normal(size=O).astype(np.float32)
+
+    fq = fc.quantize_act((N, C, H, W), 1, pad, s_x, unsigned, li, L)
+    fw = fc.lower_weight((O, Cg, KH, KW), groups, n_groups, li, L)
+    ob = int(fw.attrs["flexiq.ob"])
+    layout = str(fw.attrs["flexiq.layout"])
+    wl_shape = fc.conv_weight_layout_shape((O, Cg, KH, KW), groups)
+    fcv = fc.conv2d_int8((N, C, H + 2 * p, W + 2 * p), (O, Cg, KH, KW), st, d, groups, unsigned,
+                         "float")
+    fca = fc.conv2d_int8((N, C, H + 2 * p, W + 2 * p), (O, Cg, KH, KW), st, d, groups, unsigned,
+                         "acc")
+    mq, mw, mc, ma = (build(fq, "q"), build(fw, "wl"), build(fcv, "cf"), build(fca, "ca"))
+    qdt = "uint8" if unsigned else "int8"
+    Hp, Wp = H + 2 * p, W + 2 * p
+    OH = (Hp - d * (KH - 1) - 1) // st + 1
+    OW = (Wp - d * (KW - 1) - 1) // st + 1
+
+    for k in k_values(rng, n_groups):
+        counts = rng.integers(0, n_groups + 1, size=L).astype(np.int32)
+        counts[li] = k
+        q = run(mq, [x, counts, rank, shift], (N, C, Hp, Wp), qdt)
+        q_ref = ref_quantize_act(x, s_x, unsigned, rank, shift, k, 1, pad)
+        np.testing.assert_array_equal(q.astype(np.int64), q_ref, err_msg=f"quantize k={k}")
+
+        wl = run(mw, [w, counts, rank, wshift], wl_shape, "int8")
+        wl_ref = ref_lower_weight(w, rank, wshift, k, groups)
+        np.testing.assert_array_equal(wl.astype(np.int64), blocked(wl_ref, ob, layout),
+                                      err_msg=f"lower_weight k={k}")
+
+        acc_ref = ref_conv_acc(q_ref, wl_ref, (st, st), (d, d), groups)
+        assert np.abs(acc_ref).max() < 2**31
+        acc = run(ma, [q, wl, scale, bias], (N, O, OH, OW), "int32")
+        np.testing.assert_array_equal(acc.astype(np.int64), acc_ref, err_msg=f"conv acc k={k}")
+
+        y = run(mc, [q, wl, scale, bias], (N, O, OH, OW), "float32")
+        y_ref = acc_ref.astype(np.float32) * scale[None, :, None, None] + bias[None, :, None, None]
+        _check_epilogue(y, y_ref, acc_ref, scale[None, :, None, None], bias[None, :, None, None])
+
+
+# The float epilogue y = f32(acc) * scale + bias must be BIT-EXACT vs numpy (two roundings):
+# compute.py wraps the product in llvm.arithmetic.fence, so LLVM cannot contract it to an FMA.
+def _check_epilogue(y, y_ref, acc, scale, bias):
+    np.testing.assert_array_equal(y, y_ref, err_msg="float epilogue not bit-exact")
+
+
+# ----------------------------------------------------------------------------- dense
+DENSE_CASES = [(1, 64, 10, False), (5, 64, 10, True), (5, 37, 16, False), (1, 24, 32, True),
+               (5, 100, 7, True)]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=[f"dense{i}" for i in range(len(DENSE_CASES))])
+def test_dense_pipeline_bit_exact(case):
+    M, C, O, unsigned = case
+    rng = np.random.default_rng(7 + M * 1000 + C * 10 + O)
+    L, li = 2, 0
+    n_groups = int(rng.integers(1, 5))
+    s_x = float(rng.uniform(0.01, 0.1))
+    x = rand_x(rng, (M, C), s_x, unsigned)
+    w = rng.integers(-127, 128, size=(O, C)).astype(np.int8)
+    rank = make_rank(rng, C, n_groups)
+    shift = rng.integers(0, 5, size=C).astype(np.int32)
+    wshift = rng.integers(0, 5, size=(O, n_groups)).astype(np.int32)
+    scale = rng.uniform(1e-4, 1e-2, size=O).astype(np.float32)
+    bias = rng.normal(size=O).astype(np.float32)
+    fq = fc.quantize_act((M, C), 1, 0, s_x, unsigned, li, L)
+    fw = fc.lower_weight((O, C), 1, n_groups, li, L)
+    ob = int(fw.attrs["flexiq.ob"])
+    mq, mw = build(fq, "q"), build(fw, "wl")
+    mc = build(fc.dense_int8((M, C), (O, C), unsigned, "float"), "df")
+    ma = build(fc.dense_int8((M, C), (O, C), unsigned, "acc"), "da")
+    qdt = "uint8" if unsigned else "int8"
+    for k in k_values(rng, n_groups):
+        counts = np.array([k, 0], np.int32)
+        q = run(mq, [x, counts, rank, shift], (M, C), qdt)
+        q_ref = ref_quantize_act(x, s_x, unsigned, rank, shift, k, 1)
+        np.testing.assert_array_equal(q.astype(np.int64), q_ref)
+        wl = run(mw, [w, counts, rank, wshift], (O // ob, C, ob), "int8")
+        wl_ref = ref_lower_weight(w, rank, wshift, k, 1)
+        np.testing.assert_array_equal(wl.astype(np.int64), blocked(wl_ref, ob))
+        acc_ref = q_ref @ wl_ref.T
+        acc = run(ma, [q, wl, scale, bias], (M, O), "int32")
+        np.testing.assert_array_equal(acc.astype(np.int64), acc_ref)
+        y = run(mc, [q, wl, scale, bias], (M, O), "float32")
+        y_ref = acc_ref.astype(np.float32) * scale + bias
+        _check_epilogue(y, y_ref, acc_ref, scale, bias)
+
+
+# ----------------------------------------------------------------------------- other tests
+def test_quantize_asymmetric_pad_and_lower_values():
+    """Asymmetric padding, all shifts 0..4, and the exact lower() table."""
+    rng = np.random.default_rng(3)
+    N, C, H, W = 2, 5, 4, 6
+    pad = (0, 1, 2, 0)  # top, left, bottom, right
+    for unsigned in (False, True):
+        s = 0.05
+        x = rand_x(rng, (N, C, H, W), s, unsigned)
+        rank = np.arange(C, dtype=np.int32)
+        shift = np.arange(C, dtype=np.int32) % 5
+        m = build(fc.quantize_act((N, C, H, W), 1, pad, s, unsigned, 0, 1), "q")
+        for k in range(C + 1):
+            counts = np.array([k], np.int32)
+            q = run(m, [x, counts, rank, shift], (N, C, H + 2, W + 1),
+                    "uint8" if unsigned else "int8")
+            np.testing.assert_array_equal(
+                q.astype(np.int64), ref_quantize_act(x, s, unsigned, rank, shift, k, 1, pad))
+    # lower() values on the full int8 range, through lower_weight with one channel per group
+    O, C = 5, 255
+    w = np.tile(np.arange(-127, 128, dtype=np.int8), (O, 1))
+    wshift = np.tile(np.arange(O, dtype=np.int32)[:, None], (1, C))
+    rank = np.arange(C, dtype=np.int32)
+    m = build(fc.lower_weight((O, C), 1, C, 0, 1, ob=1), "wl")
+    wl = run(m, [w, np.array([C], np.int32), rank, wshift], (O, C, 1), "int8")[:, :, 0]
+    for e in range(5):
+        v = np.arange(-127, 128)
+        exp = np.clip((v + ((1 << e) >> 1)) >> e, -8, 7) << e
+        np.testing.assert_array_equal(wl[e].astype(np.int64), exp)
+
+
+def test_counts_change_without_rebuild():
+    """The same built modules give the right answer for several counts in a row."""
+    rng = np.random.default_rng(11)
+    N, C, H, W, O = 1, 16, 8, 8, 16
+    L, li, n_groups = 4, 2, 4
+    s = 0.04
+    x = rand_x(rng, (N, C, H, W), s, True)
+    w = rng.integers(-127, 128, size=(O, C, 3, 3)).astype(np.int8)
+    rank = make_rank(rng, C, n_groups)
+    shift = rng.integers(1, 5, size=C).astype(np.int32)
+    wshift = rng.integers(1, 5, size=(O, n_groups)).astype(np.int32)
+    scale = np.full(O, 1e-3, np.float32)
+    bias = np.zeros(O, np.float32)
+    mq = build(fc.quantize_act((N, C, H, W), 1, 1, s, True, li, L), "q")
+    mw = build(fc.lower_weight((O, C, 3, 3), 1, n_groups, li, L), "wl")
+    ma = build(fc.conv2d_int8((N, C, H + 2, W + 2), (O, C, 3, 3), 1, 1, 1, True, "acc"), "ca")
+    ob = fc.choose_ob(O, 1)
+    prev = None
+    for k in [0, 2, 4, 1, 0, 3]:
+        counts = np.zeros(L, np.int32)
+        counts[li] = k
+        counts[(li + 1) % L] = n_groups - k  # other layers' counts must not matter
+        q = run(mq, [x, counts, rank, shift], (N, C, H + 2, W + 2), "uint8")
+        wl = run(mw, [w, counts, rank, wshift], fc.conv_weight_layout_shape((O, C, 3, 3)),
+                 "int8")
+        acc = run(ma, [q, wl, scale, bias], (N, O, H, W), "int32")
+        q_ref = ref_quantize_act(x, s, True, rank, shift, k, 1, (1, 1, 1, 1))
+        acc_ref = ref_conv_acc(q_ref, ref_lower_weight(w, rank, wshift, k, 1), (1, 1), (1, 1), 1)
+        np.testing.assert_array_equal(acc.astype(np.int64), acc_ref, err_msg=f"k={k}")
+        if prev is not None and prev[0] != k:
+            assert not np.array_equal(prev[1], acc), "result did not change with counts"
+        prev = (k, acc)
+
+
+def test_fallback_schedule_builds_and_matches():
+    rng = np.random.default_rng(5)
+    N, C, H, W, O = 1, 8, 6, 6, 8
+    q = rng.integers(-127, 128, size=(N, C, H, W)).astype(np.int8)
+    w = rng.integers(-127, 128, size=(O, C, 3, 3)).astype(np.int8)
+    for layout in ("OIHWo", "OIHWo4i"):
+        fcv = fc.conv2d_int8((N, C, H, W), (O, C, 3, 3), 1, 1, 1, False, "acc", layout=layout)
+        f = fl.schedule_fallback(fcv).with_attr("global_symbol", "c")
+        m = tvm.compile(tvm.IRModule({"c": f}), target=TARGET)["c"]
+        ob = int(fcv.attrs["flexiq.ob"])
+        acc = run(m, [q, blocked(w, ob, layout), np.ones(O, np.float32),
+                      np.zeros(O, np.float32)], (N, O, H - 2, W - 2), "int32")
+        np.testing.assert_array_equal(acc.astype(np.int64),
+                                      ref_conv_acc(q, w, (1, 1), (1, 1), 1))
+
+
+def test_relax_call_tir_roundtrip():
+    """The kernels called from Relax through bb.add_func + R.call_tir, counts as an input."""
+    from tvm import relax
+
+    rng = np.random.default_rng(9)
+    N, C, H, W, O, L, li, ng = 1, 8, 6, 6, 16, 2, 1, 2
+    s = 0.05
+    pad = 1
+    fq = fl.schedule_llvm(fc.quantize_act((N, C, H, W), 1, pad, s, False, li, L), TARGET)
+    fw = fl.schedule_llvm(fc.lower_weight((O, C, 3, 3), 1, ng, li, L), TARGET)
+    fcv = fl.schedule_llvm(
+        fc.conv2d_int8((N, C, H + 2, W + 2), (O, C, 3, 3), 1, 1, 1, False, "float"), TARGET)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType((N, C, H, W), "float32"))
+    cv = relax.Var("counts", relax.TensorType((L,), "int32"))
+    wv = relax.Var("w", relax.TensorType((O, C, 3, 3), "int8"))
+    rv = relax.Var("rank", relax.TensorType((C,), "int32"))
+    sv = relax.Var("shift", relax.TensorType((C,), "int32"))
+    wsv = relax.Var("wshift", relax.TensorType((O, ng), "int32"))
+    scv = relax.Var("scale", relax.TensorType((O,), "float32"))
+    bv = relax.Var("bias", relax.TensorType((O,), "float32"))
+    with bb.function("main", [xv, cv, wv, rv, sv, wsv, scv, bv]):
+        with bb.dataflow():
+            gq = bb.add_func(fq, "flexiq_quantize_0")
+            gw = bb.add_func(fw, "flexiq_lower_weight_0")
+            gc = bb.add_func(fcv, "flexiq_conv_0")
+            q = bb.emit(relax.call_tir(gq, [xv, cv, rv, sv],
+                                       relax.TensorType((N, C, H + 2, W + 2), "int8")))
+            wl = bb.emit(relax.call_tir(gw, [wv, cv, rv, wsv], relax.TensorType(
+                fc.conv_weight_layout_shape((O, C, 3, 3)), "int8")))
+            y = bb.emit_output(relax.call_tir(gc, [q, wl, scv, bv],
+                                              relax.TensorType((N, O, H, W), "float32")))
+        bb.emit_func_output(y)
+    ex = tvm.compile(bb.get(), target=TARGET)
+    vm = relax.VirtualMachine(ex, DEV)
+    x = rand_x(rng, (N, C, H, W), s, False)
+    w = rng.integers(-127, 128, size=(O, C, 3, 3)).astype(np.int8)
+    rank = make_rank(rng, C, ng)
+    shift = rng.integers(0, 5, size=C).astype(np.int32)
+    wshift = rng.integers(0, 5, size=(O, ng)).astype(np.int32)
+    scale = rng.uniform(1e-4, 1e-2, size=O).astype(np.float32)
+    bias = rng.normal(size=O).astype(np.float32)
+    for k in (0, 1, 2):
+        counts = np.array([ng - k, k], np.int32)
+        args = [tvm.runtime.tensor(a) for a in (x, counts, w, rank, shift, wshift, scale, bias)]
+        y = vm["main"](*args).numpy()
+        q_ref = ref_quantize_act(x, s, False, rank, shift, k, 1, (1, 1, 1, 1))
+        acc_ref = ref_conv_acc(q_ref, ref_lower_weight(w, rank, wshift, k, 1), (1, 1), (1, 1), 1)
+        y_ref = acc_ref.astype(np.float32) * scale[None, :, None, None] + bias[None, :, None, None]
+        _check_epilogue(y, y_ref, acc_ref, scale[None, :, None, None], bias[None, :, None, None])
+
+
+def test_epilogue_without_fence_is_fma_or_exact():
+    """exact_epilogue=False (for targets without llvm.arithmetic.fence): LLVM may contract to an
+    FMA; every output must then equal either numpy's two-rounding or the one-rounding value."""
+    rng = np.random.default_rng(21)
+    M, C, O = 7, 64, 32
+    qx = rng.integers(-127, 128, size=(M, C)).astype(np.int8)
+    w = rng.integers(-127, 128, size=(O, C)).astype(np.int8)
+    scale = rng.uniform(1e-4, 1e-2, size=O).astype(np.float32)
+    bias = rng.normal(size=O).astype(np.float32)
+    ob = fc.choose_ob(O, 1)
+    m = build(fc.dense_int8((M, C), (O, C), False, "float", exact_epilogue=False), "d")
+    y = run(m, [qx, blocked(w, ob), scale, bias], (M, O), "float32")
+    acc = qx.astype(np.int64) @ w.astype(np.int64).T
+    y2 = acc.astype(np.float32) * scale + bias
+    fma = (acc.astype(np.float32).astype(np.float64) * scale.astype(np.float64)
+           + bias.astype(np.float64)).astype(np.float32)
+    assert ((y == y2) | (y == fma)).all()
