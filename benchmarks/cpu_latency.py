@@ -15,7 +15,8 @@ In one process, on one machine, for each batch size B it builds and times side b
 Timing: every config gets warm-up calls, then R interleaved rounds (the config order rotates each
 round); in each round a config runs a block of `number` back-to-back calls (number chosen so a block
 lasts >= --min-block-s) and the block's mean is that round's time. Reported: the median over rounds,
-per batch and per sample; speedups are medians over rounds of the PAIRED per-round ratio
+per batch and per sample, the best round ("best ms/b": the least-disturbed block) and the IQR of
+the rounds in % of the median; speedups are medians over rounds of the PAIRED per-round ratio
 baseline_time / config_time (>1 = faster than the baseline), which cancels most of the drift of a
 shared, noisy machine. TVM configs are timed with TVM's time_evaluator (C++ loop); ORT with
 run_with_iobinding on a pre-bound input (Python loop, a few microseconds of overhead per call).
@@ -24,7 +25,10 @@ Also measured: the cost of cm.set_ratio (alternating two levels; and first use o
 cm.set_counts; top-1 accuracy of every config on the test set; artifact and weight sizes.
 
 TVM's runtime thread pool defaults to hardware_concurrency / 2 on x86 (1 thread on a 2-vCPU VM), so
-this script sets TVM_NUM_THREADS to the core count (--threads) before importing TVM, to match ORT.
+this script sets TVM_NUM_THREADS to --threads (default: the core count, unless TVM_NUM_THREADS is
+already set) before importing TVM, and ORT's intra_op_num_threads to --threads too.
+S8S8 QDQ (--ort-activation qint8) measured 2-3x slower than U8S8 in ORT 1.32 on a Xeon with
+AVX512-VNNI, hence the U8S8 default.
 """
 from __future__ import annotations
 
@@ -87,8 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--acc-samples", type=int, default=0, help="use only the first N test samples (0: all)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    p.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds per batch size")
-    p.add_argument("--min-block-s", type=float, default=0.15, help="minimum seconds per timed block")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds per batch size")
+    p.add_argument("--min-block-s", type=float, default=0.1, help="minimum seconds per timed block")
     p.add_argument("--warmup-s", type=float, default=0.3, help="warm-up seconds per config (>= 2 calls)")
     p.add_argument("--threads", type=int, default=None, help="threads for TVM and ORT (default: cores)")
     p.add_argument("--ort-activation", choices=["quint8", "qint8"], default="quint8",
@@ -107,6 +111,7 @@ def parse_args(argv=None):
     if 0.0 not in a.ratios:
         a.ratios = [0.0] + a.ratios
     a.ratios = sorted(set(a.ratios))
+    a.threads_given = a.threads is not None
     a.threads = a.threads or cores()
     return a
 
@@ -122,13 +127,19 @@ class Runner:
         self.error = None
 
 
-def tvm_block(vm_or_cm, args_fn):
+def tvm_block(vm, args):
     import tvm
 
     def block(number):
-        vm, args = args_fn()
         ev = vm.time_evaluator("main", tvm.cpu(), number=number, repeat=1)
         return float(ev(*args).results[0])   # time_evaluator makes one untimed warm-up call first
+    return block
+
+
+def flexiq_block(cm, ratio, x):
+    def block(number):
+        cm.set_ratio(ratio)
+        return cm.time_batch(number=number, repeat=1, x=x)   # same time_evaluator, current counts
     return block
 
 
@@ -166,38 +177,60 @@ def measure(runners, rounds, min_block_s, warmup_s, desc):
         log(f"  {desc}: round {k + 1}/{rounds}")
 
 
-def switch_costs(cm, plan, levels, iters=100_000, counts_iters=20_000, repeat=5):
+def _per_call(fn, budget_s, chunk):
+    """Seconds per call of fn(), running whole chunks of `chunk` calls for about budget_s."""
+    n, t = 0, time.perf_counter()
+    while True:
+        for _ in range(chunk):
+            fn()
+        n += chunk
+        el = time.perf_counter() - t
+        if el >= budget_s:
+            return el / n
+
+
+def switch_costs(cm, plan, levels, budget_s=0.3, repeat=5):
     """Microseconds per cm.set_ratio (cached levels, alternating), per first use of a new ratio,
-    and per cm.set_counts (alternating two count vectors)."""
+    and per cm.set_counts (alternating two count vectors); medians of `repeat` timed loops."""
     a, b = levels[0], levels[-1]
-    res = {}
-    t_ratio = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(iters // 2):
-            cm.set_ratio(a)
-            cm.set_ratio(b)
-        t_ratio.append((time.perf_counter() - t) / iters)
-    res["set_ratio_us"] = float(np.median(t_ratio)) * 1e6
-    fresh = np.linspace(0.0005, 0.9995, 400)   # not yet cached: plan lookup + counts tensor
-    fresh = [float(v) for v in fresh if float(v) not in levels]
+    ca = np.asarray(plan.counts_for_ratio(a), dtype=np.int32)
+    cb = np.asarray(plan.counts_for_ratio(b), dtype=np.int32)
+    cm.set_ratio(a)
+    cm.set_ratio(b)
+
+    def two_ratios():
+        cm.set_ratio(a)
+        cm.set_ratio(b)
+
+    def two_counts():
+        cm.set_counts(ca)
+        cm.set_counts(cb)
+
+    res = {"alternating": [a, b]}
+    res["set_ratio_us"] = float(np.median([_per_call(two_ratios, budget_s, 1000) / 2 for _ in range(repeat)])) * 1e6
+    res["set_counts_us"] = float(np.median([_per_call(two_counts, budget_s, 50) / 2 for _ in range(repeat)])) * 1e6
+    fresh = [float(v) for v in np.linspace(0.0005, 0.9995, 400) if float(v) not in levels]  # never cached
     t = time.perf_counter()
     for v in fresh:
         cm.set_ratio(v)
     res["set_ratio_first_use_us"] = (time.perf_counter() - t) / len(fresh) * 1e6
-    ca = np.asarray(plan.counts_for_ratio(a), dtype=np.int32)
-    cb = np.asarray(plan.counts_for_ratio(b), dtype=np.int32)
-    t_counts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        for _ in range(counts_iters // 2):
-            cm.set_counts(ca)
-            cm.set_counts(cb)
-        t_counts.append((time.perf_counter() - t) / counts_iters)
-    res["set_counts_us"] = float(np.median(t_counts)) * 1e6
-    res["alternating"] = [a, b]
     cm.set_ratio(0.0)
     return res
+
+
+class quiet_stderr:
+    """Silences file descriptor 2 (TVM's C++ log) inside the block."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
 
 
 # ---- ONNX Runtime ---------------------------------------------------------------------------------
@@ -307,17 +340,17 @@ def format_tables(res) -> str:
     for bres in res["batches"]:
         B = bres["batch_size"]
         lines.append(f"\nbatch {B}: median of {res['settings']['rounds']} interleaved rounds; "
-                     f"speedup = baseline time / config time (>1: faster)")
-        head = (f"{'config':<22}{'4b MACs':>8}{'ms/batch':>11}{'ms/sample':>11}{'IQR':>6}"
+                     f"speedup = median paired baseline/config time (>1: faster); IQR = spread of rounds")
+        head = (f"{'config':<22}{'4b MACs':>8}{'ms/batch':>10}{'ms/sample':>10}{'best ms/b':>10}{'IQR':>6}"
                 f"{'vs TVM FP32':>13}{'vs ORT FP32':>13}{'top-1':>9}")
         lines += [head, "-" * len(head)]
         for c in bres["configs"]:
-            mac = f"{100 * c['mac_ratio']:.0f}%" if c.get("mac_ratio") is not None else "-"
+            mac = f"{100 * c['mac_ratio']:.1f}%" if c.get("mac_ratio") is not None else "-"
             if c.get("ms_batch") is None:
-                lines.append(f"{c['name']:<22}{mac:>8}{'n/a':>11}{'':>11}{'':>6}{'':>13}{'':>13}"
+                lines.append(f"{c['name']:<22}{mac:>8}{'n/a':>10}{'':>10}{'':>10}{'':>6}{'':>13}{'':>13}"
                              f"{fmt_pct(c.get('top1')):>9}")
                 continue
-            lines.append(f"{c['name']:<22}{mac:>8}{c['ms_batch']:>11.3f}{c['ms_sample']:>11.4f}"
+            lines.append(f"{c['name']:<22}{mac:>8}{c['ms_batch']:>10.3f}{c['ms_sample']:>10.4f}{c['best_ms_batch']:>10.3f}"
                          f"{c['iqr_pct']:>5.0f}%{fmt_x(c.get('speedup_vs_tvm_fp32')):>13}"
                          f"{fmt_x(c.get('speedup_vs_ort_fp32')):>13}{fmt_pct(c.get('top1')):>9}")
     sw = res.get("switch_cost")
@@ -346,7 +379,8 @@ def format_tables(res) -> str:
 # ---- main ----------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
+    if args.threads_given or "TVM_NUM_THREADS" not in os.environ:
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)
     sys.path.insert(0, ROOT)
 
     import tvm
@@ -424,14 +458,11 @@ def main(argv=None):
         x = np.ascontiguousarray(np.concatenate([calib_x] * reps)[:B])
         x_tvm = tvm.runtime.tensor(x)
 
-        runners = [Runner("TVM FP32 (default)", "tvm_fp32", tvm_block(fvm, lambda: (fvm, [x_tvm])))]
+        runners = [Runner("TVM FP32 (default)", "tvm_fp32", tvm_block(fvm, [x_tvm]))]
         for r in args.ratios:
-            def args_fn(r=r):
-                cm.set_ratio(r)
-                return cm.vm, [tvm.runtime.tensor(x), cm._counts_tensor]
             name = "FlexiQ INT8 (r=0)" if r == 0 else f"FlexiQ r={r:g}"
             cm.set_ratio(r)
-            runners.append(Runner(name, "flexiq", tvm_block(cm, args_fn), ratio=r, mac_ratio=cm.mac_ratio,
+            runners.append(Runner(name, "flexiq", flexiq_block(cm, r, x), ratio=r, mac_ratio=cm.mac_ratio,
                                   channel_ratio=plan.channel_ratio(cm.counts)))
         if not args.no_ort:
             runners.append(Runner("ORT FP32", "ort_fp32", ort_block(ort_fp32, x)))
@@ -446,7 +477,8 @@ def main(argv=None):
                 ts = np.asarray(r.rounds)
                 med = float(np.median(ts))
                 q1, q3 = np.percentile(ts, [25, 75])
-                c.update(ms_batch=med * 1e3, ms_sample=med * 1e3 / B, iqr_pct=float((q3 - q1) / med * 100),
+                c.update(ms_batch=med * 1e3, ms_sample=med * 1e3 / B, best_ms_batch=float(ts.min()) * 1e3,
+                         iqr_pct=float((q3 - q1) / med * 100),
                          rounds_ms=[round(v * 1e3, 5) for v in ts])
                 for kind, key in (("tvm_fp32", "speedup_vs_tvm_fp32"), ("ort_fp32", "speedup_vs_ort_fp32")):
                     if kind in base:
@@ -459,10 +491,12 @@ def main(argv=None):
                                "configs": configs})
 
         path = os.path.join(workdir, f"flexiq_b{B}.so")
-        cm.export(path)
+        with quiet_stderr():    # export_library logs one "Scope Saving" warning per function
+            cm.export(path)
         sizes["files"][f"FlexiQ artifact .so (B={B})"] = os.path.getsize(path)
         path = os.path.join(workdir, f"tvm_fp32_b{B}.so")
-        float_executable(model, B).export_library(path)
+        with quiet_stderr():
+            float_executable(model, B).export_library(path)
         sizes["files"][f"TVM FP32 artifact .so (B={B})"] = os.path.getsize(path)
 
     # ---- ratio switch cost (on the largest-batch artifact; the cost does not depend on it) ----------

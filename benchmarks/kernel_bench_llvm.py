@@ -6,7 +6,7 @@ Columns (microseconds, median of repeats, 2 threads):
   int8_conv   the conv2d_int8 / dense_int8 kernel alone (float epilogue)
   int8_layer  quantize_act + lower_weight + conv (what one FlexiQ layer costs per call), k = half
   tvm_fp32    R.nn.conv2d (+bias) built with relax.get_default_pipeline(target) (untuned TVM)
-  ort_fp32    ONNX Runtime Conv/Gemm, intra_op_num_threads=2
+  ort_fp32    ONNX Runtime Conv/Gemm, best of intra_op_num_threads = 1 and 2
 and the ratios tvm_fp32 / int8_conv and ort_fp32 / int8_conv (>1: FlexiQ kernel faster).
 """
 
@@ -68,6 +68,7 @@ def bench_int8(shape, min_ms):
     if K == 0:  # dense
         fq = fc.quantize_act((N, C), 1, 0, 0.05, unsigned, li, L)
         fw = fc.lower_weight((O, C), 1, ng, li, L)
+        fwp = fc.lower_weight((O, C), 1, ng, li, L, w_prepacked=True)
         fcv = fc.dense_int8((N, C), (O, C), unsigned, "float")
         x = rng.normal(size=(N, C)).astype(np.float32)
         w = rng.integers(-127, 128, size=(O, C)).astype(np.int8)
@@ -76,6 +77,7 @@ def bench_int8(shape, min_ms):
         Cg = C // g
         fq = fc.quantize_act((N, C, H, W), 1, p, 0.05, unsigned, li, L)
         fw = fc.lower_weight((O, Cg, K, K), g, ng, li, L)
+        fwp = fc.lower_weight((O, Cg, K, K), g, ng, li, L, w_prepacked=True)
         fcv = fc.conv2d_int8((N, C, H + 2 * p, W + 2 * p), (O, Cg, K, K), st, 1, g, unsigned,
                              "float")
         x = rng.normal(size=(N, C, H, W)).astype(np.float32)
@@ -90,6 +92,7 @@ def bench_int8(shape, min_ms):
     mod = tvm.IRModule({
         "q": fl.schedule_llvm(fq, TARGET).with_attr("global_symbol", "q"),
         "wl": fl.schedule_llvm(fw, TARGET).with_attr("global_symbol", "wl"),
+        "wlp": fl.schedule_llvm(fwp, TARGET).with_attr("global_symbol", "wlp"),
         "conv": fl.schedule_llvm(fcv, TARGET).with_attr("global_symbol", "conv"),
     })
     lib = tvm.compile(mod, target=TARGET)
@@ -106,7 +109,9 @@ def bench_int8(shape, min_ms):
     t_q = time_lib(lib, "q", [tx, tc, tr, ts, tq], min_ms)
     t_w = time_lib(lib, "wl", [tw, tc, tr, tws, twl], min_ms)
     t_c = time_lib(lib, "conv", [tq, twl, tsc, tb, ty], min_ms)
-    return t_c, t_q, t_w
+    tw_pre = T(fc.prepack_weight(w, 1 if K == 0 else g))
+    t_wp = time_lib(lib, "wlp", [tw_pre, tc, tr, tws, twl], min_ms)
+    return t_c, t_q, t_w, t_wp
 
 
 def bench_tvm_fp32(shape, min_ms):
@@ -140,7 +145,7 @@ def bench_tvm_fp32(shape, min_ms):
     return float(np.median(ev(*targs).results)) * 1e6
 
 
-def bench_ort(shape, min_ms):
+def bench_ort(shape, min_ms, threads=2):
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -166,7 +171,7 @@ def bench_ort(shape, min_ms):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     x = rng.normal(size=xshape).astype(np.float32)
@@ -197,17 +202,24 @@ def main():
         shapes += with_batch([s for s in SHAPES if s[0].startswith("fm.")], 32)
     if args.only:
         shapes = [s for s in shapes if args.only in s[0]]
-    print(f"target: {TARGET}  (times in us, median; ratio > 1 means the INT8 kernel is faster)")
-    hdr = (f"{'layer':34s} {'int8_conv':>10s} {'int8_layer':>10s} {'tvm_fp32':>10s} "
-           f"{'ort_fp32':>10s} {'tvm/int8':>9s} {'ort/int8':>9s}")
+    print(f"target: {TARGET}")
+    print("times in us (median of repeats); ratios > 1 mean the INT8 kernel is faster; "
+          "ort = best of 1 and 2 intra-op threads")
+    print("int8_layer = quantize_act + lower_weight + conv;  layer_pre = same with a prepacked "
+          "weight (lower_weight(w_prepacked=True))")
+    hdr = (f"{'layer':30s} {'int8_conv':>9s} {'int8_layer':>10s} {'layer_pre':>9s} "
+           f"{'tvm_fp32':>9s} {'ort_fp32':>9s} {'tvm/conv':>8s} {'ort/conv':>8s} "
+           f"{'ort/layer':>9s}  breakdown")
     print(hdr)
     print("-" * len(hdr))
     for s in shapes:
-        t_c, t_q, t_w = bench_int8(s, min_ms)
+        t_c, t_q, t_w, t_wp = bench_int8(s, min_ms)
         t_tvm = float("nan") if args.no_tvm_fp32 else bench_tvm_fp32(s, min_ms)
-        t_ort = bench_ort(s, min_ms)
-        print(f"{s[0]:34s} {t_c:10.1f} {t_c + t_q + t_w:10.1f} {t_tvm:10.1f} {t_ort:10.1f} "
-              f"{t_tvm / t_c:9.2f} {t_ort / t_c:9.2f}   (q {t_q:.1f}, w {t_w:.1f})", flush=True)
+        t_ort = min(bench_ort(s, min_ms, 1), bench_ort(s, min_ms, 2))
+        lay, lay_p = t_c + t_q + t_w, t_c + t_q + t_wp
+        print(f"{s[0]:30s} {t_c:9.1f} {lay:10.1f} {lay_p:9.1f} {t_tvm:9.1f} {t_ort:9.1f} "
+              f"{t_tvm / t_c:8.1f} {t_ort / t_c:8.2f} {t_ort / lay:9.2f}  "
+              f"(q {t_q:.1f}, w {t_w:.1f}, w_pre {t_wp:.1f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -146,3 +146,38 @@ def test_export_load_fresh_process_bit_exact(demo, tmp_path):
             "print('OK')\n" % plan.num_layers)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-2000:]
+
+
+def test_whole_model_against_numpy_reference(demo, demo_paths, graph, tmp_path):
+    """Compiled model vs an ONNX-reference + integer-reference execution, at several counts.
+
+    A pure conv/ReLU graph has no float reductions, so the two agree bit for bit; through the demo's
+    global average pool (summation order differs) a code may round differently, so it is compared
+    by agreement and a tight tolerance."""
+    from flexiq_tvm.reference_model import build_onnx_reference
+
+    g = graph((4, 9, 9), seed=21)
+    g.conv(4, 16, 3, 1, 1)
+    g.relu()
+    g.conv(16, 16, 3, 2, 1, groups=4)
+    g.relu()
+    g.conv(16, 8, 1, 1, 0, bias=False)
+    path = g.save(tmp_path / "plain.onnx")
+    model = fq.load_model(path)
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((16, 4, 9, 9)).astype(np.float32)
+    plan = fq.quantize(model, calib, group_size=8, progress=False)
+    ref = build_onnx_reference(path, model, plan)
+    cm = fq.compile(model, plan, batch_size=4)
+    for counts in _counts_grid(plan, seed=5):
+        cm.set_counts(counts)
+        assert np.array_equal(cm(calib[:4]), ref(calib[:4], counts)), counts
+
+    model, plan, x, _ = demo
+    ref = build_onnx_reference(demo_paths["model"], model, plan)
+    cm = fq.compile(model, plan, batch_size=16)
+    for counts in _counts_grid(plan, seed=6)[:4]:
+        cm.set_counts(counts)
+        y, r = cm(x[:16]), ref(x[:16], counts)
+        assert np.mean(y.argmax(1) == r.argmax(1)) >= 15 / 16
+        assert np.abs(y - r).max() <= 0.05 * np.abs(r).max(), counts

@@ -159,6 +159,9 @@ CONV_CASES = [
     (3, 6, 7, 7, 16, 3, 3, 1, 1, 1, 1, False),     # VNNI layout, Cg % 4 != 0 (zero-filled)
     (1, 10, 6, 6, 16, 3, 3, 2, 1, 1, 2, True),     # VNNI layout, groups=2, Cg=5, 8 lanes
     (3, 8, 5, 9, 32, 3, 3, 1, 1, 2, 1, False),     # VNNI, dilation 2, ob=16 x 2 blocks
+    # big enough for the multi-threaded code paths (conv >= 2M MACs, quantize >= 256k elems)
+    (3, 32, 28, 28, 32, 3, 3, 1, 1, 1, 1, False),
+    (3, 64, 56, 56, 64, 3, 3, 1, 1, 1, 64, True),
 ]
 
 
@@ -215,7 +218,11 @@ def test_conv_pipeline_bit_exact(case):
                          "float")
     fca = fc.conv2d_int8((N, C, H + 2 * p, W + 2 * p), (O, Cg, KH, KW), st, d, groups, unsigned,
                          "acc")
+    fwp = fc.lower_weight((O, Cg, KH, KW), groups, n_groups, li, L, w_prepacked=True)
     mq, mw, mc, ma = (build(fq, "q"), build(fw, "wl"), build(fcv, "cf"), build(fca, "ca"))
+    mwp = build(fwp, "wlp")
+    w_pre = fc.prepack_weight(w, groups)
+    np.testing.assert_array_equal(w_pre, blocked(w, ob, layout))
     qdt = "uint8" if unsigned else "int8"
     Hp, Wp = H + 2 * p, W + 2 * p
     OH = (Hp - d * (KH - 1) - 1) // st + 1
@@ -232,6 +239,8 @@ def test_conv_pipeline_bit_exact(case):
         wl_ref = ref_lower_weight(w, rank, wshift, k, groups)
         np.testing.assert_array_equal(wl.astype(np.int64), blocked(wl_ref, ob, layout),
                                       err_msg=f"lower_weight k={k}")
+        wlp = run(mwp, [w_pre, counts, rank, wshift], wl_shape, "int8")
+        np.testing.assert_array_equal(wlp, wl, err_msg=f"lower_weight prepacked k={k}")
 
         acc_ref = ref_conv_acc(q_ref, wl_ref, (st, st), (d, d), groups)
         assert np.abs(acc_ref).max() < 2**31
@@ -251,7 +260,7 @@ def _check_epilogue(y, y_ref, acc, scale, bias):
 
 # ----------------------------------------------------------------------------- dense
 DENSE_CASES = [(1, 64, 10, False), (5, 64, 10, True), (5, 37, 16, False), (1, 24, 32, True),
-               (5, 100, 7, True)]
+               (5, 100, 7, True), (64, 256, 128, False)]
 
 
 @pytest.mark.parametrize("case", DENSE_CASES, ids=[f"dense{i}" for i in range(len(DENSE_CASES))])
@@ -272,6 +281,7 @@ def test_dense_pipeline_bit_exact(case):
     fw = fc.lower_weight((O, C), 1, n_groups, li, L)
     ob = int(fw.attrs["flexiq.ob"])
     mq, mw = build(fq, "q"), build(fw, "wl")
+    mwp = build(fc.lower_weight((O, C), 1, n_groups, li, L, w_prepacked=True), "wlp")
     mc = build(fc.dense_int8((M, C), (O, C), unsigned, "float"), "df")
     ma = build(fc.dense_int8((M, C), (O, C), unsigned, "acc"), "da")
     qdt = "uint8" if unsigned else "int8"
@@ -283,6 +293,8 @@ def test_dense_pipeline_bit_exact(case):
         wl = run(mw, [w, counts, rank, wshift], (O // ob, C, ob), "int8")
         wl_ref = ref_lower_weight(w, rank, wshift, k, 1)
         np.testing.assert_array_equal(wl.astype(np.int64), blocked(wl_ref, ob))
+        wlp = run(mwp, [fc.prepack_weight(w), counts, rank, wshift], (O // ob, C, ob), "int8")
+        np.testing.assert_array_equal(wlp, wl)
         acc_ref = q_ref @ wl_ref.T
         acc = run(ma, [q, wl, scale, bias], (M, O), "int32")
         np.testing.assert_array_equal(acc.astype(np.int64), acc_ref)
@@ -370,6 +382,24 @@ def test_fallback_schedule_builds_and_matches():
                       np.zeros(O, np.float32)], (N, O, H - 2, W - 2), "int32")
         np.testing.assert_array_equal(acc.astype(np.int64),
                                       ref_conv_acc(q, w, (1, 1), (1, 1), 1))
+
+
+def test_generic_llvm_target_without_vnni():
+    """A target without AVX-512 VNNI: the OIHWo4i conv falls back to plain vectorization."""
+    rng = np.random.default_rng(17)
+    tgt = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    assert not fl._has_vnni(tgt)
+    N, C, H, W, O = 2, 8, 7, 7, 16
+    for unsigned in (False, True):
+        f = fc.conv2d_int8((N, C, H + 2, W + 2), (O, C, 3, 3), 1, 1, 1, unsigned, "acc")
+        assert str(f.attrs["flexiq.layout"]) == "OIHWo4i"
+        m = fl.build(f, name="c", target=tgt)["c"]
+        lo, hi = (0, 256) if unsigned else (-127, 128)
+        q = rng.integers(lo, hi, size=(N, C, H + 2, W + 2)).astype("uint8" if unsigned else "int8")
+        w = rng.integers(-127, 128, size=(O, C, 3, 3)).astype(np.int8)
+        acc = run(m, [q, fc.prepack_weight(w), np.ones(O, np.float32), np.zeros(O, np.float32)],
+                  (N, O, H, W), "int32")
+        np.testing.assert_array_equal(acc.astype(np.int64), ref_conv_acc(q, w, (1, 1), (1, 1), 1))
 
 
 def test_relax_call_tir_roundtrip():

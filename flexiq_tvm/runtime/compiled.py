@@ -19,6 +19,7 @@ from ..errors import DataError, FlexiQError
 from ..quant.atomic import atomic_path
 from ..quant.plan import Plan
 from ..quant.schedule import check_ratio
+from .quiet import tvm_serialization_logs_filtered
 
 MANIFEST_FUNC = "flexiq_manifest"
 ARTIFACT_FORMAT = "flexiq-artifact"
@@ -110,7 +111,8 @@ class CompiledModel:
         with atomic_path(path) as tmp:
             tmp_so = tmp + ".so"
             try:
-                self.executable.export_library(tmp_so)
+                with tvm_serialization_logs_filtered():
+                    self.executable.export_library(tmp_so)
                 os.replace(tmp_so, tmp)
             finally:
                 if os.path.exists(tmp_so):
@@ -127,7 +129,8 @@ def load_artifact(path, device=None) -> CompiledModel:
     if not os.path.exists(path):
         raise FlexiQError(f"{path}: no such artifact")
     try:
-        lib = tvm.runtime.load_module(path)
+        with tvm_serialization_logs_filtered():
+            lib = tvm.runtime.load_module(path)
     except Exception as e:
         raise FlexiQError(f"{path}: not a loadable TVM artifact ({str(e).splitlines()[0][:200]})") from None
     try:

@@ -1,22 +1,30 @@
 """llvm (x86, 2 cores) schedules of the FlexiQ layer kernels.
 
 ``schedule_llvm(func, target)`` dispatches on the PrimFunc attr ``"flexiq.kernel"`` (see
-``compute.py``) and returns a scheduled PrimFunc (parallel + vectorized).  Functions without the
-attr are returned unchanged.  ``schedule_fallback(func, target)`` returns a correct, lightly
-scheduled version (only an outer ``parallel``), used when scheduling is disabled or when a
-schedule fails.
+``compute.py``) and returns a scheduled PrimFunc (parallel + vectorized / VNNI-tensorized).
+Functions without the attr are returned unchanged.  ``schedule_fallback(func, target)`` returns a
+correct, lightly scheduled version (outer ``parallel`` only).
 
 Strategies:
 
-* ``conv2d_int8`` with output-channel block ``ob > 1`` (weight layout ``[O//ob, Cg, KH, KW, ob]``):
-  register tile ``owt x ob`` int32 accumulators; loop nest
-  ``(n, oo, oh) parallel -> owo -> rc, rh, rw -> owi (unrolled) -> oi (vectorized)``: one
-  ``ob``-wide weight vector load per tap and a broadcast activation per output column; the
-  float (or int32) epilogue is computed at the ``owo`` loop from the register tile.
-* depthwise (``ob == 1``): vectorize along the output row instead
-  (``(n, o, oh) parallel -> owo -> rh, rw -> owv (vectorized)``).
-* ``dense_int8``: ``(m, oo) -> c -> oi (vectorized)``, parallel only when large.
-* ``quantize_act`` / ``lower_weight``: parallel outer loops, vectorized innermost axis.
+* ``conv2d_int8``, weight layout ``"OIHWo4i"`` (``O//groups % 8 == 0`` and ``Cg >= 4``; all the
+  Fashion-MNIST convs but the first, MobileNet pointwise): the NCHW activation is repacked
+  in-kernel to ``[N, C/4, Hp, Wp, 4]`` uint8 (signed codes + 128, corrected by ``-128*sum(w)``
+  in the epilogue), and the reduction runs on ``vpdpbusd`` (AVX-512 VNNI, 64 MACs per
+  instruction) through our own tensor intrinsic (``x86_intrin.py``).  Tile: ``owt`` output
+  columns x ``ob`` (16 or 8) output channels of int32 accumulators; loop nest
+  ``(n, o-block, oh) [parallel] -> owo -> cb, kh, kw -> owi (unrolled) -> vpdpbusd``; the float
+  epilogue is computed per tile, vectorized along ``ow``.  Without VNNI in the target the same
+  loop nest is vectorized over ``oi`` instead.
+* ``conv2d_int8``, ``"OIHWo"`` with ``ob > 1``: same tiling with int32 multiply-adds vectorized
+  over the ``ob`` output channels (LLVM emits ``vpdpwssd``/``vpmaddwd``).
+* depthwise (``ob == 1``): vectorize along the output row
+  (``(n, o, oh) [parallel] -> kh, kw (unrolled) -> ow (vectorized)``).
+* ``dense_int8``: ``(m, o-block) -> c -> oi (vectorized)``.
+* ``quantize_act``: padding split off with ``decompose_padding`` (zero fill + interior) so both
+  vectorize; ``lower_weight``: byte transpose (scalar, input order) + vectorized lowering.
+
+Threads are used only above a size threshold (see ``_PARALLEL_MIN_*``).
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from .compute import KERNEL_ATTR
 
 __all__ = ["default_target", "schedule_llvm", "schedule_fallback", "build", "KERNEL_ATTR"]
 
-# below this many multiply-accumulates a kernel runs single threaded (thread-pool launch costs
-# a few microseconds)
-_PARALLEL_MIN_WORK = 1 << 15
+# Below these sizes a kernel runs single threaded.  Measured on the shared 2-core machine: with
+# another process on the second core, a 2-thread split of a 1.8M-MAC conv was 10-25% SLOWER than
+# one thread (the join waits for the descheduled worker), 4M+ MACs gained 2x.
+_PARALLEL_MIN_WORK = 1 << 18  # elements, elementwise kernels (quantize_act)
+_PARALLEL_MIN_MACS = 1 << 21  # multiply-accumulates, conv / dense
 
 
 def default_target() -> tvm.target.Target:
@@ -129,19 +139,20 @@ def _sched_lower_weight(sch: s_tir.Schedule, func):
     sch.vectorize(sch.get_loops(we)[-1])
     # w_t: byte transpose; scalar, iterated in the INPUT order (sequential reads). A vectorized
     # version (gathers) measured 3x slower.
-    wt = sch.get_sblock("w_t")
-    tl = sch.get_loops(wt)
-    if layout == "OIHWo4i":
-        oo, cb, kh, kw, oi, j = tl
-        sch.reorder(oo, oi, cb, j, kh, kw)
-    elif layout == "OIHWo":
-        oo, ci, kh, kw, oi = tl
-        sch.reorder(oo, oi, ci, kh, kw)
-    else:  # dense OIo
-        oo, c, oi = tl
-        sch.reorder(oo, oi, c)
-    if par:
-        sch.parallel(tl[0])
+    if not _attr(func, "w_prepacked", 0):
+        wt = sch.get_sblock("w_t")
+        tl = sch.get_loops(wt)
+        if layout == "OIHWo4i":
+            oo, cb, kh, kw, oi, j = tl
+            sch.reorder(oo, oi, cb, j, kh, kw)
+        elif layout == "OIHWo":
+            oo, ci, kh, kw, oi = tl
+            sch.reorder(oo, oi, ci, kh, kw)
+        else:  # dense OIo
+            oo, c, oi = tl
+            sch.reorder(oo, oi, c)
+        if par:
+            sch.parallel(tl[0])
     # w_l: elementwise lowering, vectorized along the output's inner (oi[, j]) axes
     n_inner = 2 if layout == "OIHWo4i" else 1
     blk = sch.get_sblock("w_l")
@@ -182,7 +193,7 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
     N, O, OH = yshape[0], yshape[1], yshape[2]
     CB, KH, KW = _extent(sch, rb), _extent(sch, rh), _extent(sch, rw)
     work = N * O * OH * OW * CB * 4 * KH * KW
-    par = work >= _PARALLEL_MIN_WORK
+    par = work >= _PARALLEL_MIN_MACS
 
     # activation repack [N, G*CB, Hp, Wp, 4]
     xr = sch.get_sblock("x_r")
@@ -226,13 +237,6 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
             (("owi", owt), ("oi", ob), ("rb", CB), ("rh", KH), ("rw", KW), ("rj", 4)) if e > 1]
     assert [e for _, e in want] == [_extent(sch, l) for l in new], (want, len(new))
     L = {nm: l for (nm, _), l in zip(want, new)}
-    order = [L[nm] for nm in ("rb", "rh", "rw", "owi", "oi", "rj") if nm in L]
-    sch.reorder(*order)
-    init = sch.decompose_reduction(acc, order[0])
-    sch.vectorize(sch.get_loops(init)[-1])
-    oi = L["oi"]
-    owi = L.get("owi")
-    rw = L.get("rw")
     intrin = None
     if _has_vnni(target) and ob in (8, 16):
         from .x86_intrin import get_intrin
@@ -241,11 +245,19 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
             intrin = get_intrin(ob, default_target() if target is None else target)
         except RuntimeError:
             intrin = None
+    inner = ("oi", "rj") if intrin is not None else ("rj", "oi")
+    order = [L[nm] for nm in ("rb", "rh", "rw", "owi") + inner if nm in L]
+    sch.reorder(*order)
+    oi = L["oi"]
+    owi = L.get("owi")
+    rw = L.get("rw")
+    if intrin is None:  # no VNNI: int32 multiply-adds vectorized over the output channels
+        sch.unroll(L["rj"])
+        sch.vectorize(oi)  # (before decompose_reduction: needs a complete reduction block)
+    init = sch.decompose_reduction(acc, order[0])
+    sch.vectorize(sch.get_loops(init)[-1])
     if intrin is not None:
         sch.tensorize(oi, intrin)
-    else:
-        sch.unroll(L["rj"])
-        sch.vectorize(oi)
     if owi is not None:
         sch.unroll(owi)
     if rw is not None and KW <= 4:
@@ -269,7 +281,7 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
         owo, owi = sch.split(ow, [None, owt])
         sch.reorder(n, oo, oh, owo, rc, rh, rw, owi, oi)
         outer = sch.fuse(n, oo, oh)
-        if work >= _PARALLEL_MIN_WORK:
+        if work >= _PARALLEL_MIN_MACS:
             sch.parallel(outer)
         sch.reverse_compute_at(y, owo)
         # epilogue: loops (o, ow) under owo -> vectorize ow (contiguous in y)
@@ -285,7 +297,7 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
         owo, owv = sch.split(ow, [None, V])
         sch.reorder(n, oo, oh, owo, oi, rc, rh, rw, owv)
         outer = sch.fuse(n, oo, oh)
-        if work >= _PARALLEL_MIN_WORK:
+        if work >= _PARALLEL_MIN_MACS:
             sch.parallel(outer)
         sch.reverse_compute_at(y, owo)
         sch.vectorize(sch.get_loops(y)[-1])
@@ -304,7 +316,7 @@ def _sched_dense(sch: s_tir.Schedule, func):
     M, OO, OB, C = (_extent(sch, l) for l in (m, oo, oi, rc))
     sch.reorder(m, oo, rc, oi)
     outer = sch.fuse(m, oo)
-    if M * OO * OB * C >= _PARALLEL_MIN_WORK and M * OO >= 2:
+    if M * OO * OB * C >= _PARALLEL_MIN_MACS and M * OO >= 2:
         sch.parallel(outer)
     sch.reverse_compute_at(y, outer)
     sch.vectorize(sch.get_loops(y)[-1])
@@ -334,20 +346,18 @@ def schedule_llvm(func: tvm.tirx.PrimFunc, target=None) -> tvm.tirx.PrimFunc:
 
 
 def schedule_fallback(func: tvm.tirx.PrimFunc, target=None) -> tvm.tirx.PrimFunc:
-    """Minimal schedule that is always legal: parallelize the outermost loop of the output
-    block (a spatial loop); on any error return the function unchanged (naive loops)."""
+    """Minimal schedule that is always legal: ``parallel`` on the outermost (spatial) loop of the
+    output block; on any error the function is returned unchanged (naive loops, still correct).
+    The unscheduled compute definitions build as they are, so this is only a speed nicety."""
     kind = _kind(func)
     if kind is None:
         return func
     try:
         sch = s_tir.Schedule(func)
-        out = sch.get_output_blocks(sch.get_sblock("root"))[0] if False else None
         name = {"quantize_act": "q", "lower_weight": "w_l"}.get(kind, "y")
-        blk = sch.get_sblock(name)
-        loops = sch.get_loops(blk)
+        loops = sch.get_loops(sch.get_sblock(name))
         if loops:
             sch.parallel(loops[0])
-        del out
         return sch.mod["main"]
     except Exception:  # noqa: BLE001
         return func
