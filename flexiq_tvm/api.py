@@ -34,50 +34,35 @@ def _as_plan(plan) -> Plan:
 def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size: int = 16,
              calibrator: str = "percentile", search: str = "sensitivity", seed: int = 0, batch_size: int = 32,
              percentile: float = 99.99, shift_rule: str = "mse", search_samples: int = 256,
+             metric: str = "mse", population: int = 16, generations: int = 20, patience: int = 5,
              curve_points: int = 8, progress: bool = True) -> Plan:
     """Calibrate `model` on `calib` and build its FlexiQ plan (scales, orders, shifts, ratio levels).
 
-    search: "range" lowers every layer at the same pace (value-range order inside each layer);
-    "sensitivity" (default) orders the lowering steps across layers by their measured effect on the
-    model output over `search_samples` calibration samples.
+    search: "range" lowers every layer at the same pace in value-range order; "sensitivity"
+    (default) orders the steps across layers by measured per-layer error curves; "greedy"
+    re-measures the model output after every step; "evolutionary" evolves each level's 4-bit group
+    sets (seeded by range and greedy), nested level by level. All are seeded and deterministic.
     """
     from tqdm.auto import tqdm
 
+    from .search import SEARCHES, run_search
+
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     model = _as_model(model)
     inputs, _ = load_data(calib, model, what="calibration data")
     t0 = time.perf_counter()
     stats = collect_stats(model, inputs, batch_size=batch_size, seed=seed, progress=progress)
     plan = build_plan(model.specs, stats, ratios=ratios, group_size=group_size, calibrator=calibrator,
-                      search=search, seed=seed, percentile=percentile, shift_rule=shift_rule,
+                      search="range", seed=seed, percentile=percentile, shift_rule=shift_rule,
                       meta={"model": model.name, "calib_samples": int(inputs.shape[0]),
                             "flexiq_tvm": __version__},
                       progress=(lambda it, **kw: tqdm(it, disable=not progress, **kw)))
-    if search == "sensitivity":
-        _sensitivity_search(model, plan, inputs, search_samples, curve_points, seed, progress)
+    run_search(model, plan, inputs, search, seed=seed, samples=search_samples, metric=metric,
+               curve_points=curve_points, population=population, generations=generations, patience=patience,
+               progress=progress)
     plan.meta["quantize_seconds"] = round(time.perf_counter() - t0, 3)
     return plan
-
-
-def _sensitivity_search(model, plan: Plan, inputs, samples: int, points: int, seed: int, progress: bool):
-    """Replaces the plan's proportional schedule by one ordered on measured output error."""
-    from tqdm.auto import tqdm
-
-    from .fitness import OutputDistance
-    from .quant.schedule import cumulative_mac_share, level_prefixes
-    from .quant.search import measure_curves, sensitivity_schedule
-
-    rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(inputs.shape[0], size=min(samples, inputs.shape[0]), replace=False))
-    fit = OutputDistance(model, plan, inputs[pick])
-    curves = measure_curves([l.n_groups for l in plan.layers], fit, max_points=points,
-                            progress=lambda jobs: tqdm(jobs, desc="sensitivity", disable=not progress))
-    macs = [l.group_macs for l in plan.layers]
-    plan.schedule = sensitivity_schedule(curves, macs)
-    plan._share = None
-    share = cumulative_mac_share(plan.schedule, macs)
-    plan.levels = level_prefixes(share, sorted(plan.levels))
-    plan.meta["search_evaluations"] = fit.evaluations
-    plan.meta["layer_error_at_full_4bit"] = {l.name: round(float(c[-1]), 6) for l, c in zip(plan.layers, curves)}
 
 
 def _with_manifest(mod: tvm.IRModule, manifest: dict) -> tvm.IRModule:

@@ -41,7 +41,8 @@ def cmd_quantize(args):
 
     model = fq.load_model(args.model)
     plan = fq.quantize(model, args.calib, ratios=args.ratios, group_size=args.group_size,
-                       calibrator=args.calibrator, search=args.search, seed=args.seed,
+                       calibrator=args.calibrator, search=args.search, seed=args.seed, metric=args.metric,
+                       population=args.population, generations=args.generations,
                        percentile=args.percentile, progress=not args.quiet)
     plan.save(args.output)
     share = {r: round(float(plan.mac_share[p]), 3) for r, p in plan.levels.items()}
@@ -110,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True, help="plan file to write")
     q.add_argument("--calibrator", choices=["max", "percentile", "mse"], default="percentile")
     q.add_argument("--percentile", type=float, default=99.99)
-    q.add_argument("--search", choices=["range"], default="range")
+    q.add_argument("--search", choices=["range", "sensitivity", "greedy", "evolutionary"], default="sensitivity",
+                   help="channel selection across layers (default sensitivity)")
+    q.add_argument("--metric", choices=["mse", "kl"], default="mse", help="search fitness vs the INT8 output")
+    q.add_argument("--population", type=int, default=16)
+    q.add_argument("--generations", type=int, default=20)
     quant_opts(q)
     common(q)
     q.set_defaults(func=cmd_quantize)

@@ -36,14 +36,20 @@ def _tensor(shape, dtype):
 
 
 def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: FoundLayer, lplan, batch: int,
-                out: str = "float") -> tvm.ir.GlobalVar:
+                out: str = "float", runtime_tables: bool = False) -> tvm.ir.GlobalVar:
     spec = found.spec
     unsigned = bool(lplan.act_unsigned)
     act_dtype = "uint8" if unsigned else "int8"
     q_w = quantize_weight_with_scale(spec.weight, lplan.weight_scale)
-    rank = relax.const(lplan.rank.astype(np.int32))
     act_shift = relax.const(lplan.act_shift_per_channel.astype(np.int32))
-    w_shift = relax.const(np.ascontiguousarray(lplan.weight_shift, dtype=np.int32))
+    if runtime_tables:
+        rank = relax.Var("rank", _tensor((spec.in_channels,), "int32"))
+        w_shift = relax.Var("w_shift", _tensor(lplan.weight_shift.shape, "int32"))
+        extra = [rank, w_shift]
+    else:
+        rank = relax.const(lplan.rank.astype(np.int32))
+        w_shift = relax.const(np.ascontiguousarray(lplan.weight_shift, dtype=np.int32))
+        extra = []
     scale = relax.const(dequant_scale(lplan.weight_scale, np.float32(lplan.act_scale)))
     bias = relax.const(np.asarray(spec.bias, dtype=np.float32))
     in_shape = (batch,) + tuple(spec.in_shape)
@@ -53,7 +59,7 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
     x = relax.Var("x", _tensor(in_shape, "float32"))
     counts = relax.Var("counts", _tensor((num_layers,), "int32"))
     attrs = {"flexiq.op": spec.op, "flexiq.layer": index, "flexiq.name": spec.name}
-    with bb.function(f"{LAYER_FUNC_PREFIX}{index}", [x, counts], attrs=attrs, private=True):
+    with bb.function(f"{LAYER_FUNC_PREFIX}{index}", [x, counts] + extra, attrs=attrs, private=True):
         with bb.dataflow():
             if spec.op == "conv2d":
                 pt, pl, pb, pr = spec.padding
@@ -64,7 +70,7 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
                                           layer_index=index, num_layers=num_layers, in_channels=spec.in_channels)
                 wl_shape = compute.conv_weight_layout_shape(q_w.shape, spec.groups)
                 kf = compute.conv2d_int8(padded, q_w.shape, strides=spec.strides, dilation=spec.dilation,
-                                         groups=spec.groups, unsigned=unsigned, out=out)
+                                         groups=spec.groups, unsigned=unsigned)
                 x2d, q_shape = x, padded
             else:
                 rows = int(np.prod(in_shape[:-1]))
@@ -75,15 +81,14 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
                 wf = compute.lower_weight(q_w.shape, groups=1, n_groups=lplan.n_groups, layer_index=index,
                                           num_layers=num_layers, in_channels=spec.in_channels)
                 wl_shape = compute.dense_weight_layout_shape(q_w.shape)
-                kf = compute.dense_int8(q_shape, q_w.shape, unsigned=unsigned, out=out)
+                kf = compute.dense_int8(q_shape, q_w.shape, unsigned=unsigned)
             gq = bb.add_func(qf, f"flexiq_quantize_{tag}")
             gw = bb.add_func(wf, f"flexiq_lower_weight_{tag}")
             gk = bb.add_func(kf, f"flexiq_{spec.op}_{tag}")
             q = bb.emit(relax.call_tir(gq, [x2d, counts, rank, act_shift], _tensor(q_shape, act_dtype)))
             wl = bb.emit(relax.call_tir(gw, [relax.const(q_w), counts, rank, w_shift], _tensor(wl_shape, "int8")))
-            y_dtype = "float32" if out == "float" else "int32"
             y_shape = out_shape if spec.op == "conv2d" else (q_shape[0], spec.out_channels)
-            y = bb.emit(relax.call_tir(gk, [q, wl, scale, bias], _tensor(y_shape, y_dtype)))
+            y = bb.emit(relax.call_tir(gk, [q, wl, scale, bias], _tensor(y_shape, "float32")))
             if spec.op == "dense" and len(in_shape) != 2:
                 y = bb.emit(relax.op.reshape(y, out_shape))
             result = bb.emit_output(y)
@@ -93,8 +98,9 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
 
 @relax.expr_functor.mutator
 class _ReplaceLayers(relax.PyExprMutator):
-    def __init__(self, mod, layers: Sequence[FoundLayer], layer_gvars, counts: relax.Var, originals):
+    def __init__(self, mod, layers: Sequence[FoundLayer], layer_gvars, counts: relax.Var, originals, tables=None):
         super().__init__(mod)
+        self.tables = tables
         self.layers = layers
         self.layer_gvars = layer_gvars
         self.counts = counts
@@ -113,16 +119,18 @@ class _ReplaceLayers(relax.PyExprMutator):
         for i, orig in enumerate(self.calls):
             if call.same_as(orig):
                 x = self.visit_expr(call.args[0])
-                return relax.Call(self.layer_gvars[i], [x, self.counts])
+                extra = list(self.tables[i]) if self.tables else []
+                return relax.Call(self.layer_gvars[i], [x, self.counts] + extra)
         return super().visit_call_(call)
 
 
 def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, batch: int,
-                   out: str = "float") -> tvm.IRModule:
+                   runtime_tables: bool = False) -> tvm.IRModule:
     """Returns a module whose `main(x, counts)` runs every layer of `layers` through FlexiQ.
 
-    `out="acc"` makes each layer function return its int32 accumulators instead (and leaves the
-    rest of the graph unchanged only where shapes allow): a debugging build used by the tests.
+    `runtime_tables=True` (the search build) also makes each layer's group-rank table and weight
+    shift table run-time parameters of `main` (`rank_i`, `w_shift_i` after `counts`), so a search
+    can try other group orders without recompiling; deployment builds keep them constant.
     """
     main = mod["main"]
     batch_var = main.params[0].ty.shape.values[0]
@@ -141,7 +149,8 @@ def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, 
         raise ValueError("internal: layer discovery changed after binding the batch size")
     L = len(bound)
     bb = relax.BlockBuilder(mod)
-    gvars = [_emit_layer(bb, i, L, f, plan.layers[i], batch, out) for i, f in enumerate(bound)]
+    gvars = [_emit_layer(bb, i, L, f, plan.layers[i], batch, runtime_tables=runtime_tables)
+             for i, f in enumerate(bound)]
     mod = bb.get()
     from ..frontend.graph import bindings
 
@@ -149,11 +158,16 @@ def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, 
     for f in bound:
         originals.append(next(b.value for b in bindings(main) if b.var.same_as(f.var)))
     counts = relax.Var("counts", _tensor((L,), "int32"))
-    mutator = _ReplaceLayers(mod, bound, gvars, counts, originals)
+    tables = None
+    if runtime_tables:
+        tables = [(relax.Var(f"rank_{i}", _tensor((p.in_channels,), "int32")),
+                   relax.Var(f"w_shift_{i}", _tensor(p.weight_shift.shape, "int32"))) for i, p in enumerate(plan.layers)]
+    mutator = _ReplaceLayers(mod, bound, gvars, counts, originals, tables)
     new_main = mutator.visit_expr(main)
     attrs = dict(main.attrs) if main.attrs is not None else {}
-    attrs["num_input"] = 2
-    new_main = relax.Function(list(new_main.params) + [counts], new_main.body, new_main.ret_ty,
+    extra_params = [counts] + ([v for t in tables for v in t] if tables else [])
+    attrs["num_input"] = 1 + len(extra_params)
+    new_main = relax.Function(list(new_main.params) + extra_params, new_main.body, new_main.ret_ty,
                               new_main.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
     mod = mutator.builder_.get()
     mod["main"] = new_main

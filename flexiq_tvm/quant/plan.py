@@ -15,8 +15,8 @@ import numpy as np
 
 from .atomic import atomic_write_bytes
 from .layer import LayerSpec
-from .ranking import group_ranks, num_groups
-from .schedule import check_ratio, counts_at, cumulative_mac_share, group_macs, prefix_for_ratio
+from .ranking import num_groups
+from .schedule import check_ratio, counts_at, cumulative_mac_share, prefix_for_ratio
 
 FORMAT = "flexiq-plan"
 VERSION = 1
@@ -54,9 +54,16 @@ class LayerPlan:
     act_shift: np.ndarray        # (n_groups,) static activation shift per group
     weight_shift: np.ndarray     # (O, n_groups) weight shift per (output channel, group)
     macs_per_channel: int
+    group_sizes: Optional[Sequence[int]] = None   # channels per group, in lowering order
 
     def __post_init__(self):
         self.order = np.asarray(self.order, dtype=np.int32)
+        if self.group_sizes is None:
+            n = num_groups(self.in_channels, self.group_size)
+            sizes = [self.group_size] * n
+            sizes[-1] = self.in_channels - self.group_size * (n - 1)
+            self.group_sizes = sizes
+        self.group_sizes = [int(v) for v in self.group_sizes]
         self.weight_scale = np.asarray(self.weight_scale, dtype=np.float32)
         self.act_scale = float(np.float32(self.act_scale))
         self.act_shift = np.asarray(self.act_shift, dtype=np.int32)
@@ -64,11 +71,30 @@ class LayerPlan:
 
     @property
     def n_groups(self) -> int:
-        return num_groups(self.in_channels, self.group_size)
+        return len(self.group_sizes)
 
     @property
     def rank(self) -> np.ndarray:
-        return group_ranks(self.order, self.group_size)
+        """rank[c]: lowering position of the group that input channel c belongs to."""
+        rank = np.empty(self.in_channels, dtype=np.int32)
+        rank[self.order] = np.repeat(np.arange(self.n_groups, dtype=np.int32), self.group_sizes)
+        return rank
+
+    def group_channels(self, g: int) -> np.ndarray:
+        start = int(np.sum(self.group_sizes[:g]))
+        return self.order[start:start + self.group_sizes[g]]
+
+    def reorder_groups(self, perm: Sequence[int]) -> "LayerPlan":
+        """The same groups (channel sets and shifts) lowered in the order `perm` (old group ids)."""
+        perm = [int(p) for p in perm]
+        if sorted(perm) != list(range(self.n_groups)):
+            raise ValueError(f"layer {self.name!r}: {perm} is not a permutation of its {self.n_groups} groups")
+        order = np.concatenate([self.group_channels(g) for g in perm]) if perm else self.order
+        return LayerPlan(name=self.name, op=self.op, in_channels=self.in_channels, out_channels=self.out_channels,
+                         groups=self.groups, group_size=self.group_size, order=order,
+                         weight_scale=self.weight_scale, act_scale=self.act_scale, act_unsigned=self.act_unsigned,
+                         act_shift=self.act_shift[perm], weight_shift=self.weight_shift[:, perm],
+                         macs_per_channel=self.macs_per_channel, group_sizes=[self.group_sizes[g] for g in perm])
 
     @property
     def act_shift_per_channel(self) -> np.ndarray:
@@ -76,10 +102,12 @@ class LayerPlan:
 
     @property
     def group_macs(self) -> np.ndarray:
-        return group_macs(self.in_channels, self.group_size, self.macs_per_channel)
+        return np.asarray(self.group_sizes, dtype=np.int64) * int(self.macs_per_channel)
 
     def validate(self):
         C, n = self.in_channels, self.n_groups
+        if sum(self.group_sizes) != C or min(self.group_sizes, default=1) < 1:
+            raise PlanError(f"layer {self.name!r}: group sizes {self.group_sizes} do not cover {C} channels")
         if sorted(self.order.tolist()) != list(range(C)):
             raise PlanError(f"layer {self.name!r}: channel order is not a permutation of 0..{C - 1}")
         if self.act_shift.shape != (n,) or self.weight_shift.shape != (self.out_channels, n):
@@ -96,7 +124,7 @@ class LayerPlan:
                 "order": self.order.tolist(), "weight_scale": [float(v) for v in self.weight_scale],
                 "act_scale": self.act_scale, "act_unsigned": bool(self.act_unsigned),
                 "act_shift": self.act_shift.tolist(), "weight_shift": self.weight_shift.tolist(),
-                "macs_per_channel": int(self.macs_per_channel)}
+                "macs_per_channel": int(self.macs_per_channel), "group_sizes": list(self.group_sizes)}
 
     @classmethod
     def from_json(cls, d: dict) -> "LayerPlan":
@@ -153,7 +181,7 @@ class Plan:
     def channel_ratio(self, counts: Sequence[int]) -> float:
         counts = self.check_counts(counts)
         total = sum(l.in_channels for l in self.layers)
-        low = sum(min(l.in_channels, k * l.group_size) for l, k in zip(self.layers, counts))
+        low = sum(int(np.sum(l.group_sizes[:k])) for l, k in zip(self.layers, counts))
         return low / total if total else 0.0
 
     def check_counts(self, counts) -> np.ndarray:

@@ -1,0 +1,72 @@
+"""Runs the channel-selection searches of `quant/search.py` against the compiled model.
+
+The searches themselves are numpy and only see a scoring callback; this module supplies it (one
+search build, `fitness.OutputDistance`) and writes the result back into the plan.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .quant.plan import Plan
+from .quant.schedule import cumulative_mac_share, level_prefixes
+from .quant.search import (evolutionary_levels, greedy_schedule, measure_curves, schedule_from_levels,
+                           sensitivity_schedule)
+
+SEARCHES = ("range", "sensitivity", "greedy", "evolutionary")
+
+
+def _set_schedule(plan: Plan, schedule):
+    plan.schedule = [int(v) for v in schedule]
+    plan._share = None
+    plan.levels = level_prefixes(cumulative_mac_share(plan.schedule, [l.group_macs for l in plan.layers]),
+                                 sorted(plan.levels))
+
+
+def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0, samples: int = 256,
+               metric: str = "mse", curve_points: int = 8, population: int = 16, generations: int = 20,
+               patience: int = 5, progress: bool = True, target: str = "llvm") -> Plan:
+    """Replaces the plan's proportional (range) schedule with the chosen search's result, in place."""
+    from .fitness import OutputDistance
+
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if search == "range":
+        return plan
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(inputs.shape[0], size=min(samples, inputs.shape[0]), replace=False))
+    fit = OutputDistance(model, plan, inputs[pick], target=target, metric=metric)
+    macs = [l.group_macs for l in plan.layers]
+    bar = (lambda desc: (lambda it: tqdm(it, desc=desc, disable=not progress, leave=False)))
+    if search == "sensitivity":
+        curves = measure_curves([l.n_groups for l in plan.layers], fit, max_points=curve_points,
+                                progress=bar("sensitivity"))
+        _set_schedule(plan, sensitivity_schedule(curves, macs))
+        plan.meta["layer_error_at_full_4bit"] = {l.name: float(c[-1]) for l, c in zip(plan.layers, curves)}
+    elif search == "greedy":
+        _set_schedule(plan, greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy",
+                                                                                 disable=not progress, leave=False)))
+    else:
+        range_schedule = list(plan.schedule)
+        greedy = greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy seed",
+                                                                     disable=not progress, leave=False))
+        levels = sorted(plan.levels)
+        sets = evolutionary_levels(macs, fit.low_sets, levels, [range_schedule, greedy], seed=seed,
+                                   population=population, generations=generations, patience=patience,
+                                   progress=bar("evolve"))
+        perms, schedule, prefixes = schedule_from_levels(sets, [l.n_groups for l in plan.layers])
+        plan.layers = [l.reorder_groups(p) for l, p in zip(plan.layers, perms)]
+        plan.schedule = schedule
+        plan._share = None
+        plan.levels = {float(r): int(p) for r, p in zip(levels, prefixes)}
+        plan.meta["search_population"] = population
+        plan.meta["search_generations"] = generations
+    plan.meta["search"] = search
+    plan.meta["search_metric"] = metric
+    plan.meta["search_samples"] = int(pick.size)
+    plan.meta["search_evaluations"] = fit.evaluations
+    plan.meta["search_seconds"] = round(time.perf_counter() - t0, 2)
+    return plan
