@@ -33,8 +33,6 @@ def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0
 
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-    if search == "range":
-        return plan
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(inputs.shape[0], size=min(samples, inputs.shape[0]), replace=False))
@@ -45,7 +43,13 @@ def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0
         curves = measure_curves([l.n_groups for l in plan.layers], fit, max_points=curve_points,
                                 progress=bar("sensitivity"))
         _set_schedule(plan, sensitivity_schedule(curves, macs))
-        plan.meta["layer_error_at_full_4bit"] = {l.name: float(c[-1]) for l, c in zip(plan.layers, curves)}
+        full = [float(c[-1]) for c in curves]
+    else:
+        full = [fit(np.eye(plan.num_layers, dtype=np.int32)[l] * plan.layers[l].n_groups)
+                for l in range(plan.num_layers)]
+    plan.meta["layer_error_at_full_4bit"] = {l.name: e for l, e in zip(plan.layers, full)}
+    if search in ("range", "sensitivity"):
+        pass
     elif search == "greedy":
         _set_schedule(plan, greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy",
                                                                                  disable=not progress, leave=False)))

@@ -1,6 +1,8 @@
 """x86 VNNI tensor intrinsics (u8 x s8 -> s32, ``lanes`` outputs x 4 reductions).
 
-A copy of ``tvm.s_tir.tensor_intrin.x86.dot_16x4_vnni`` (plus a 256-bit 8-lane variant),
+A copy of ``tvm.s_tir.tensor_intrin.x86.dot_16x4_vnni`` (with ``T.let`` bindings: in TVM 0.27
+TVMScript a plain ``x = expr`` allocates a local buffer, which lowers to 5 workspace
+allocations per call site) (plus a 256-bit 8-lane variant),
 registered under our own names: importing ``tvm.s_tir.tensor_intrin`` takes ~40 s on this
 machine (it registers every backend's intrinsics), this module takes milliseconds.
 
@@ -42,11 +44,11 @@ def _impl16(
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
-        A_u8x4 = A.vload([0], "uint8x4")
-        A_i32 = T.reinterpret(A_u8x4, dtype="int32")
-        B_i8x64 = B.vload([0, 0], dtype="int8x64")
-        B_i32x16 = T.reinterpret(B_i8x64, dtype="int32x16")
-        C_i32x16 = C.vload([0], dtype="int32x16")
+        A_u8x4: T.let = A.vload([0], "uint8x4")
+        A_i32: T.let = T.reinterpret(A_u8x4, dtype="int32")
+        B_i8x64: T.let = B.vload([0, 0], dtype="int8x64")
+        B_i32x16: T.let = T.reinterpret(B_i8x64, dtype="int32x16")
+        C_i32x16: T.let = C.vload([0], dtype="int32x16")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
             C_i32x16,
@@ -81,11 +83,11 @@ def _impl8(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:4], B[0:8, 0:4])
         T.writes(C[0:8])
-        A_u8x4 = A.vload([0], "uint8x4")
-        A_i32 = T.reinterpret(A_u8x4, dtype="int32")
-        B_i8x32 = B.vload([0, 0], dtype="int8x32")
-        B_i32x8 = T.reinterpret(B_i8x32, dtype="int32x8")
-        C_i32x8 = C.vload([0], dtype="int32x8")
+        A_u8x4: T.let = A.vload([0], "uint8x4")
+        A_i32: T.let = T.reinterpret(A_u8x4, dtype="int32")
+        B_i8x32: T.let = B.vload([0, 0], dtype="int8x32")
+        B_i32x8: T.let = T.reinterpret(B_i8x32, dtype="int32x8")
+        C_i32x8: T.let = C.vload([0], dtype="int32x8")
         C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
             C_i32x8,
@@ -105,11 +107,11 @@ def _impl16_b(
     with T.sblock("root"):
         T.reads(C[0:16], A[0:4], B[0:16, 0:4])
         T.writes(C[0:16])
-        A_u8x4 = A.vload([0], "uint8x4")
-        A_i32 = T.reinterpret(A_u8x4, dtype="int32")
-        A_i8x64 = T.reinterpret(T.broadcast(A_i32, 16), dtype="int8x64")
-        B_i8x64 = B.vload([0, 0], dtype="int8x64")
-        C_i32x16 = C.vload([0], dtype="int32x16")
+        A_u8x4: T.let = A.vload([0], "uint8x4")
+        A_i32: T.let = T.reinterpret(A_u8x4, dtype="int32")
+        A_i8x64: T.let = T.reinterpret(T.broadcast(A_i32, 16), dtype="int8x64")
+        B_i8x64: T.let = B.vload([0, 0], dtype="int8x64")
+        C_i32x16: T.let = C.vload([0], dtype="int32x16")
         C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
             C_i32x16,
@@ -128,11 +130,11 @@ def _impl8_b(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:4], B[0:8, 0:4])
         T.writes(C[0:8])
-        A_u8x4 = A.vload([0], "uint8x4")
-        A_i32 = T.reinterpret(A_u8x4, dtype="int32")
-        A_i8x32 = T.reinterpret(T.broadcast(A_i32, 8), dtype="int8x32")
-        B_i8x32 = B.vload([0, 0], dtype="int8x32")
-        C_i32x8 = C.vload([0], dtype="int32x8")
+        A_u8x4: T.let = A.vload([0], "uint8x4")
+        A_i32: T.let = T.reinterpret(A_u8x4, dtype="int32")
+        A_i8x32: T.let = T.reinterpret(T.broadcast(A_i32, 8), dtype="int8x32")
+        B_i8x32: T.let = B.vload([0, 0], dtype="int8x32")
+        C_i32x8: T.let = C.vload([0], dtype="int32x8")
         C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
             C_i32x8,
