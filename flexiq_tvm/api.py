@@ -32,16 +32,18 @@ def _as_plan(plan) -> Plan:
 
 
 def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size: int = 16,
-             calibrator: str = "percentile", search: str = "sensitivity", seed: int = 0, batch_size: int = 32,
+             calibrator: str = "percentile", search: str = "evolutionary", seed: int = 0, batch_size: int = 32,
              percentile: float = 99.99, shift_rule: str = "mse", search_samples: int = 256,
              metric: str = "mse", population: int = 16, generations: int = 20, patience: int = 5,
-             curve_points: int = 8, progress: bool = True) -> Plan:
+             curve_points: int = 8, recover: bool = True, progress: bool = True) -> Plan:
     """Calibrate `model` on `calib` and build its FlexiQ plan (scales, orders, shifts, ratio levels).
 
     search: "range" lowers every layer at the same pace in value-range order; "sensitivity"
-    (default) orders the steps across layers by measured per-layer error curves; "greedy"
-    re-measures the model output after every step; "evolutionary" evolves each level's 4-bit group
-    sets (seeded by range and greedy), nested level by level. All are seeded and deterministic.
+    orders the steps across layers by measured per-layer error curves; "greedy" re-measures the
+    model output after every step; "evolutionary" (default) evolves each level's 4-bit group sets,
+    nested level by level, seeded by range and greedy (by sensitivity above 256 groups, where
+    greedy's one evaluation per group gets expensive). All are seeded and deterministic.
+    recover: per-ratio bias correction after the search (see `recovery.py`).
     """
     from tqdm.auto import tqdm
 
@@ -61,7 +63,11 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
     run_search(model, plan, inputs, search, seed=seed, samples=search_samples, metric=metric,
                curve_points=curve_points, population=population, generations=generations, patience=patience,
                progress=progress)
-    plan.meta["quantize_seconds"] = round(time.perf_counter() - t0, 3)
+    if recover:
+        from .recovery import recover_bias
+
+        recover_bias(model, plan, inputs, samples=search_samples, seed=seed, progress=progress)
+    plan.timings["quantize"] = round(time.perf_counter() - t0, 3)
     return plan
 
 
@@ -81,6 +87,13 @@ def compile(model, plan, target: str = "llvm", batch_size: int = 1, schedule: bo
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tgt = get_target(target, schedule=schedule, **target_options)
+    if plan.bias_correction and not tgt.supports_bias_rows:
+        import warnings
+
+        warnings.warn(f"target {tgt.name!r} does not take per-ratio bias corrections yet; compiling without them "
+                      "(re-quantize with recover=False to silence this)", stacklevel=2)
+        plan = Plan.loads(plan.dumps())
+        plan.bias_correction = {}
     mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size))
     manifest = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "plan": plan.dumps(),
                 "batch_size": int(batch_size), "input_shape": list(model.input_shape), "target": tgt.name,
@@ -102,23 +115,19 @@ def compile_float(model, batch_size: int = 1, target=None):
     return build_float(mod, target)
 
 
-def compile_with_taps(model, plan, batch_size: int = 1, target: str = "llvm", schedule: bool = True):
-    """A debugging build whose `main(x, counts)` returns (output, x_0, y_0, x_1, y_1, ...): every
-    FlexiQ layer's float input and output, so each layer can be checked against the reference."""
-    from .frontend.graph import bindings
-    from .passes.flexiq_rewrite import LAYER_FUNC_PREFIX
-    from .passes.tap_outputs import TapOutputs
+def compile_with_taps(model, plan, batch_size: int = 1, target: str = "llvm", schedule: bool = True,
+                      runtime_bias: bool = False, inputs_too: bool = True):
+    """A debugging build whose `main` returns (output, x_0, y_0, x_1, y_1, ...): every FlexiQ layer's
+    float input and output, so each layer can be checked against the reference (`inputs_too=False`:
+    outputs only). Its run-time arguments are those of the deployment build (`CompiledModel.runtime_args`),
+    or `counts, bias_0, ..., bias_{L-1}` with `runtime_bias=True` (the recovery build)."""
+    from .passes.tap_outputs import TapOutputs, flexiq_layer_taps
 
     model = _as_model(model)
     plan = _as_plan(plan)
     plan.check_model(model.fingerprint, model.layer_names, source=model.source)
-    mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size))
-    taps = {}
-    for b in bindings(mod["main"]):
-        v = b.value
-        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar) and \
-                v.op.name_hint.startswith(LAYER_FUNC_PREFIX):
-            taps[int(v.op.name_hint[len(LAYER_FUNC_PREFIX):])] = (v.args[0], b.var)
-    flat = [e for i in sorted(taps) for e in taps[i]]
+    mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size), runtime_bias=runtime_bias)
+    taps = flexiq_layer_taps(mod["main"])
+    flat = [e for i in sorted(taps) for e in (taps[i] if inputs_too else taps[i][1:])]
     tgt = get_target(target, schedule=schedule)
     return relax.VirtualMachine(tgt.build(TapOutputs(flat)(mod)), tgt.device())

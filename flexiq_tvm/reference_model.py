@@ -33,7 +33,10 @@ def build_onnx_reference(path, model, plan: Plan):
     if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
         raise ModelError(f"{path}: the ONNX reference does not run BatchNormalization nodes (fold them first)")
     consts = _const_names(proto.graph)
-    refs = [LayerReference(s, p) for s, p in zip(model.specs, plan.layers)]
+    if plan.bias_correction:
+        raise ModelError("the ONNX reference runs plans without bias correction (quantize with recover=False)")
+    refs = [LayerReference(s, p, dynamic=bool(getattr(plan, "dynamic", False)))
+            for s, p in zip(model.specs, plan.layers)]
     state = {"counts": np.zeros(len(refs), np.int32)}
 
     class FlexiQLayer(OpRun):

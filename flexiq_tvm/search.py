@@ -16,6 +16,9 @@ from .quant.search import (evolutionary_levels, greedy_schedule, measure_curves,
                            sensitivity_schedule)
 
 SEARCHES = ("range", "sensitivity", "greedy", "evolutionary")
+# above this many groups in all, the evolutionary search is seeded with the sensitivity ordering
+# instead of the greedy one (greedy costs at least one model evaluation per group)
+GREEDY_SEED_MAX_GROUPS = 256
 
 
 def _set_schedule(plan: Plan, schedule):
@@ -55,8 +58,15 @@ def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0
                                                                                  disable=not progress, leave=False)))
     else:
         range_schedule = list(plan.schedule)
-        greedy = greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy seed",
-                                                                     disable=not progress, leave=False))
+        if sum(l.n_groups for l in plan.layers) <= GREEDY_SEED_MAX_GROUPS:
+            greedy = greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy seed",
+                                                                         disable=not progress, leave=False))
+            plan.meta["search_seed"] = "range+greedy"
+        else:
+            curves = measure_curves([l.n_groups for l in plan.layers], fit, max_points=curve_points,
+                                    progress=bar("sensitivity seed"))
+            greedy = sensitivity_schedule(curves, macs)
+            plan.meta["search_seed"] = "range+sensitivity"
         levels = sorted(plan.levels)
         sets = evolutionary_levels(macs, fit.low_sets, levels, [range_schedule, greedy], seed=seed,
                                    population=population, generations=generations, patience=patience,
@@ -72,5 +82,5 @@ def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0
     plan.meta["search_metric"] = metric
     plan.meta["search_samples"] = int(pick.size)
     plan.meta["search_evaluations"] = fit.evaluations
-    plan.meta["search_seconds"] = round(time.perf_counter() - t0, 2)
+    plan.timings["search"] = round(time.perf_counter() - t0, 2)
     return plan

@@ -55,7 +55,8 @@ def test_random_graphs_bit_exact(tmp_path, graph, name, group_size):
     model = fq.load_model(path)
     rng = np.random.default_rng(1)
     calib = rng.standard_normal((24,) + shape).astype(np.float32)
-    plan = fq.quantize(model, calib, group_size=group_size, calibrator="percentile", progress=False)
+    plan = fq.quantize(model, calib, group_size=group_size, calibrator="percentile", search="range", recover=False,
+                       progress=False)
     x = rng.standard_normal((3,) + shape).astype(np.float32) * 1.5   # beyond the calibrated range too
     _check_layers_bit_exact(model, plan, x, _counts_grid(plan), batch=3)
 
@@ -63,7 +64,7 @@ def test_random_graphs_bit_exact(tmp_path, graph, name, group_size):
 @pytest.fixture(scope="module")
 def demo(demo_paths):
     model = fq.load_model(demo_paths["model"])
-    plan = fq.quantize(model, demo_paths["calib"], progress=False)
+    plan = fq.quantize(model, demo_paths["calib"], search="sensitivity", recover=False, progress=False)
     x, labels = load_data(demo_paths["test"], model)
     return model, plan, x, labels
 
@@ -166,7 +167,7 @@ def test_whole_model_against_numpy_reference(demo, demo_paths, graph, tmp_path):
     model = fq.load_model(path)
     rng = np.random.default_rng(0)
     calib = rng.standard_normal((16, 4, 9, 9)).astype(np.float32)
-    plan = fq.quantize(model, calib, group_size=8, progress=False)
+    plan = fq.quantize(model, calib, group_size=8, search="range", recover=False, progress=False)
     ref = build_onnx_reference(path, model, plan)
     cm = fq.compile(model, plan, batch_size=4)
     for counts in _counts_grid(plan, seed=5):

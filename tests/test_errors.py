@@ -46,7 +46,7 @@ def test_unsupported_layer_falls_back_to_float_with_a_warning(tmp_path, graph):
     assert any("conv2d_transpose" in m and "float32" in m for m in msgs), msgs
     assert model.layer_names == ["conv2d_0", "conv2d_1"]
     calib = np.random.default_rng(0).standard_normal((16, 4, 8, 8)).astype(np.float32)
-    plan = fq.quantize(model, calib, group_size=8, progress=False)
+    plan = fq.quantize(model, calib, group_size=8, search="range", recover=False, progress=False)
     cm = fq.compile(model, plan, batch_size=2)
     fp32 = fq.compile_float(model, 2)
     import tvm
@@ -100,7 +100,7 @@ def test_calibration_data_errors(small, tmp_path):
 
 def test_mismatched_plan_is_rejected(small, tmp_path, graph):
     path, model, calib = small
-    plan = fq.quantize(model, calib, progress=False)
+    plan = fq.quantize(model, calib, search="range", recover=False, progress=False)
     g = graph((3, 8, 8), seed=6)            # same structure, other weights
     g.conv(3, 8, 3, 1, 1)
     g.relu()
@@ -121,7 +121,7 @@ def test_mismatched_plan_is_rejected(small, tmp_path, graph):
 
 def test_failed_writes_leave_no_file(small, tmp_path, monkeypatch):
     _, model, calib = small
-    plan = fq.quantize(model, calib, progress=False)
+    plan = fq.quantize(model, calib, search="range", recover=False, progress=False)
     cm = fq.compile(model, plan, batch_size=1)
     target = tmp_path / "model.so"
 

@@ -471,3 +471,117 @@ def test_epilogue_without_fence_is_fma_or_exact():
     fma = (acc.astype(np.float32).astype(np.float64) * scale.astype(np.float64)
            + bias.astype(np.float64)).astype(np.float32)
     assert ((y == y2) | (y == fma)).all()
+
+
+# ----------------------------------------------------------------------------- dynamic extraction
+def ref_quantize_act_dynamic(x, s, unsigned, rank, k, channel_axis, pad=(0, 0, 0, 0), offset=None):
+    """Dynamic extraction from the definition, sample by sample and group by group with Python
+    ints: m = max |code| over the group's channels and every other position of the sample,
+    e = max(clamp(bitlen(m) - (4 if unsigned else 3), 0, 4) - offset[c], 0)."""
+    q = ref_quant(x, s, unsigned)
+    lo4, hi4 = (0, 15) if unsigned else (-8, 7)
+    out = q.copy()
+    for n in range(x.shape[0]):
+        for g in range(k):
+            chans = np.flatnonzero(rank == g)
+            if chans.size == 0:
+                continue
+            sel = np.take(q[n], chans, axis=channel_axis - 1)
+            e = min(max(int(np.abs(sel).max()).bit_length() - (4 if unsigned else 3), 0), 4)
+            idx = [n] + [slice(None)] * (x.ndim - 1)
+            for c in chans:
+                idx[channel_axis] = c
+                ec = max(e - (int(offset[c]) if offset is not None else 0), 0)
+                out[tuple(idx)] = ref_lower(q[tuple(idx)], ec, lo4, hi4)
+    if x.ndim == 4 and channel_axis == 1:
+        t, l, b, r = pad
+        out = np.pad(out, ((0, 0), (0, 0), (t, b), (l, r)))
+    return out
+
+
+def _dyn_x(rng, shape, s, unsigned, channel_axis):
+    """Per-channel ranges spread over 3 decades so that groups get different shifts."""
+    bshape = [1] * len(shape)
+    bshape[channel_axis] = shape[channel_axis]
+    spread = np.exp(rng.uniform(np.log(0.01), 0, size=bshape)).astype(np.float32)
+    spread = spread * np.exp(rng.uniform(np.log(0.05), 0, size=(shape[0],) + (1,) * (len(shape) - 1))
+                             ).astype(np.float32)
+    return (rand_x(rng, shape, s, unsigned) * spread).astype(np.float32)
+
+
+# (shape, channel_axis, pad, n_groups)
+DYN_CASES = [
+    ((1, 6, 5, 7), 1, (1, 0, 2, 1), 3),
+    ((3, 12, 6, 5), 1, (1, 1, 1, 1), 4),
+    ((3, 8, 4, 4), 1, (0, 0, 0, 0), 8),
+    ((1, 24), 1, 0, 3),
+    ((3, 40), 1, 0, 5),
+    ((3, 4, 16), 2, 0, 4),                  # dense over tokens: per-sample max over all tokens
+]
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+@pytest.mark.parametrize("case", DYN_CASES, ids=[f"dyn{i}" for i in range(len(DYN_CASES))])
+def test_quantize_dynamic_bit_exact(case, unsigned):
+    shape, ax, pad, G = case
+    rng = np.random.default_rng(hash((case, unsigned)) % 2**32)
+    C, N, s = shape[ax], shape[0], 0.05
+    tpad = fc._norm_pad(pad)
+    L, li = 3, 1
+    f = fc.quantize_act(shape, ax, pad, s, unsigned, li, L, dynamic=True, n_groups=G)
+    assert int(f.attrs["flexiq.dynamic"]) == 1
+    m = build(f, "q")
+    oshape = list(shape)
+    if len(shape) == 4:
+        oshape[2] += tpad[0] + tpad[2]
+        oshape[3] += tpad[1] + tpad[3]
+    odt = "uint8" if unsigned else "int8"
+    rank = make_rank(rng, C, G)
+    offset = rng.integers(0, 3, size=C).astype(np.int32)    # dynamic: the shift input is an offset
+    x = _dyn_x(rng, shape, s, unsigned, ax)
+    for k in k_values(rng, G):
+        counts = np.array([G - k, k, 0], np.int32)
+        q = run(m, [x, counts, rank, offset], tuple(oshape), odt)
+        q_ref = ref_quantize_act_dynamic(x, s, unsigned, rank, k, ax, tpad, offset)
+        np.testing.assert_array_equal(q.astype(np.int64), q_ref, err_msg=f"k={k}")
+        if N > 1 and k > 0:
+            # sample 0's codes do not depend on the rest of the batch
+            x2 = x.copy()
+            x2[1:] = x2[1:] * np.float32(30) if unsigned else -x2[1:] * np.float32(0.01)
+            q2 = run(m, [x2, counts, rank, offset], tuple(oshape), odt)
+            np.testing.assert_array_equal(q2[0], q[0])
+            np.testing.assert_array_equal(
+                q2.astype(np.int64), ref_quantize_act_dynamic(x2, s, unsigned, rank, k, ax, tpad, offset))
+    # dynamic differs from static (for some shift table) once everything is lowered
+    q_all = run(m, [x, np.array([0, G, 0], np.int32), rank, np.zeros(C, np.int32)], tuple(oshape), odt)
+    static = ref_quantize_act(x, s, unsigned, rank, np.zeros(C, np.int32), G, ax, tpad)
+    assert not np.array_equal(q_all.astype(np.int64), static)
+
+
+def test_quantize_dynamic_fallback_schedule_and_multithreaded():
+    """schedule_fallback builds the multi-stage function, and the scheduled version above the
+    threading threshold (parallel code paths) is bit-exact too."""
+    rng = np.random.default_rng(23)
+    for shape, ax, pad, sched in [((3, 10, 7, 6), 1, (1, 2, 0, 1), False), ((2, 5, 12), 2, 0, False),
+                                  ((3, 32, 58, 58), 1, 1, True), ((2, 512, 256), 2, 0, True)]:
+        for unsigned in (False, True):
+            C, G, s = shape[ax], 4, 0.05
+            f = fc.quantize_act(shape, ax, pad, s, unsigned, 0, 1, dynamic=True, n_groups=G)
+            if sched:
+                m = build(f, "q")
+            else:
+                g = fl.schedule_fallback(f).with_attr("global_symbol", "q")
+                m = tvm.compile(tvm.IRModule({"q": g}), target=TARGET)["q"]
+            tpad = fc._norm_pad(pad)
+            oshape = list(shape)
+            if len(shape) == 4:
+                oshape[2] += tpad[0] + tpad[2]
+                oshape[3] += tpad[1] + tpad[3]
+            rank = make_rank(rng, C, G)
+            x = _dyn_x(rng, shape, s, unsigned, ax)
+            k = int(rng.integers(1, G + 1))
+            q = run(m, [x, np.array([k], np.int32), rank, np.zeros(C, np.int32)], tuple(oshape),
+                    "uint8" if unsigned else "int8")
+            np.testing.assert_array_equal(
+                q.astype(np.int64), ref_quantize_act_dynamic(x, s, unsigned, rank, k, ax, tpad),
+                err_msg=str((shape, unsigned, sched)))

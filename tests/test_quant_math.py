@@ -89,19 +89,42 @@ def _random_conv(rng, groups=1, unsigned=False, C=16, O=8):
     return spec, x
 
 
+def _dynamic_shifts_by_hand(qx, rank, n_groups, unsigned, channel_axis):
+    """Per (sample, group) shift from the live codes, with Python ints (independent of the library)."""
+    qc = np.moveaxis(np.asarray(qx, np.int64), channel_axis, -1)
+    N = qc.shape[0]
+    qc = qc.reshape(N, -1, qc.shape[-1])
+    e = np.zeros((N, n_groups), np.int64)
+    for n in range(N):
+        for g in range(n_groups):
+            m = int(np.abs(qc[n][:, rank == g]).max())
+            e[n, g] = min(max(m.bit_length() - (4 if unsigned else 3), 0), 4)
+    return e
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("groups,unsigned,gs", [(1, False, 4), (2, True, 8), (16, True, 1), (4, False, 16)])
-def test_literal_reference_equals_single_int8_reduction_over_lowered_operands(groups, unsigned, gs):
-    """The identity the compiled kernels rely on, checked independently in numpy."""
+def test_literal_reference_equals_single_int8_reduction_over_lowered_operands(groups, unsigned, gs, dynamic):
+    """The identity the compiled kernels rely on, checked independently in numpy (dynamic: the
+    activation shifts come from each sample's live codes)."""
     rng = np.random.default_rng(groups)
     O = 16 if groups == 16 else 8
     spec, x = _random_conv(rng, groups, unsigned, O=O)
     plan = build_plan([spec], [_stats(x, 1)], group_size=gs, calibrator="max")
-    ref = LayerReference(spec, plan.layers[0])
+    ref = LayerReference(spec, plan.layers[0], dynamic=dynamic)
     lp = plan.layers[0]
     qx = ref.quantize_input(x)
+    if dynamic:
+        e_n = _dynamic_shifts_by_hand(qx, lp.rank, lp.n_groups, unsigned, 1)        # (N, n_groups)
+        e_x = e_n[:, lp.rank][:, :, None, None]                                     # (N, C, 1, 1)
+        assert np.array_equal(ref.activation_shifts(qx), e_n)
+        assert ref.activation_shifts(qx).shape == (x.shape[0], lp.n_groups)
+        assert ref.activation_shifts(qx, dynamic=False).shape == (lp.n_groups,)
+    else:
+        e_x = lp.act_shift_per_channel[None, :, None, None]
     for k in range(lp.n_groups + 1):
         low = lp.rank < k
-        xl = np.where(low[None, :, None, None], lower(qx, lp.act_shift_per_channel[None, :, None, None], unsigned), qx)
+        xl = np.where(low[None, :, None, None], lower(qx, e_x, unsigned), qx)
         chan = spec.weight_input_channel()
         ew = lp.weight_shift[np.arange(spec.out_channels)[:, None], lp.rank[chan]][:, :, None, None]
         wl = np.where(low[chan][:, :, None, None], lower(ref.q_w, ew, False), ref.q_w)
@@ -133,6 +156,50 @@ def test_dense_reference_3d_tokens():
     assert np.array_equal(ref.accumulate(x, 0), dense_int(qx, ref.q_w))
     y = ref.forward(x, 4)
     assert y.shape == (2, 5, 12) and np.corrcoef(y.ravel(), (x @ w.T).ravel())[0, 1] > 0.95
+
+
+def test_dynamic_shifts_are_per_sample_and_batch_independent():
+    rng = np.random.default_rng(7)
+    spec, x = _random_conv(rng, 1, True, C=16, O=8)
+    plan = build_plan([spec], [_stats(x, 1)], group_size=4, calibrator="max")
+    lp = plan.layers[0]
+    ref = LayerReference(spec, lp, dynamic=True)
+    k = lp.n_groups
+    full = ref.accumulate(x, k)
+    for n in range(x.shape[0]):
+        assert np.array_equal(ref.accumulate(x[n:n + 1], k)[0], full[n])
+    # a louder neighbour changes nothing for sample 0; dynamic differs from static somewhere
+    x2 = x.copy()
+    x2[1:] *= 50
+    assert np.array_equal(ref.accumulate(x2, k)[0], full[0])
+    assert not np.array_equal(ref.accumulate(x, k, dynamic=False), full)
+    assert np.array_equal(ref.accumulate(x, 0), ref.accumulate(x, 0, dynamic=False))
+
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_dense_reference_3d_tokens_dynamic(unsigned):
+    """Dense over (batch, tokens, C): a sample's max runs over all its tokens."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((12, 32)).astype(np.float32)
+    x = rng.standard_normal((3, 5, 32)).astype(np.float32) * rng.uniform(0.05, 3, 32).astype(np.float32)
+    x[1] *= 0.1
+    if unsigned:
+        x = np.abs(x)
+    spec = LayerSpec("fc", "dense", w, None, (5, 32), (5, 12), act_unsigned=unsigned)
+    plan = build_plan([spec], [_stats(x, 2)], group_size=8, calibrator="max")
+    lp = plan.layers[0]
+    ref = LayerReference(spec, lp, dynamic=True)
+    qx = ref.quantize_input(x)
+    e_n = _dynamic_shifts_by_hand(qx, lp.rank, lp.n_groups, unsigned, 2)
+    assert np.array_equal(ref.activation_shifts(qx), e_n)
+    assert len({tuple(r) for r in e_n}) > 1          # the quiet sample gets other shifts
+    for k in range(lp.n_groups + 1):
+        low = lp.rank < k
+        xl = np.where(low[None, None, :], lower(qx, e_n[:, lp.rank][:, None, :], unsigned), qx)
+        chan = spec.weight_input_channel()
+        ew = lp.weight_shift[np.arange(12)[:, None], lp.rank[chan]]
+        wl = np.where(low[chan], lower(ref.q_w, ew, False), ref.q_w)
+        assert np.array_equal(ref.accumulate(x, k), dense_int(xl, wl)), k
 
 
 def _two_layer_plan(rng):
@@ -170,6 +237,23 @@ def test_plan_roundtrip_and_bad_files(tmp_path):
     plan.save(p)
     back = Plan.load(p)
     assert back.dumps() == plan.dumps()
+    assert back.dynamic is False and json.loads(p.read_text())["body"]["dynamic"] is False
+    # the dynamic flag is saved, checksummed, and defaults to False when absent
+    plan.dynamic = True
+    plan.save(tmp_path / "dyn.flexiq")
+    assert Plan.load(tmp_path / "dyn.flexiq").dynamic is True
+    ddoc = json.loads((tmp_path / "dyn.flexiq").read_text())
+    ddoc["body"]["dynamic"] = False
+    (tmp_path / "dyn_edit.flexiq").write_text(json.dumps(ddoc))
+    with pytest.raises(PlanError, match="corrupted"):
+        Plan.load(tmp_path / "dyn_edit.flexiq")
+    del ddoc["body"]["dynamic"]
+    import hashlib
+    canon = json.dumps(ddoc["body"], sort_keys=True, separators=(",", ":"))
+    ddoc["checksum"] = "sha256:" + hashlib.sha256(canon.encode()).hexdigest()
+    (tmp_path / "old.flexiq").write_text(json.dumps(ddoc))
+    assert Plan.load(tmp_path / "old.flexiq").dynamic is False
+    plan.dynamic = False
     assert np.array_equal(back.layers[0].weight_shift, plan.layers[0].weight_shift)
     text = p.read_text()
     (tmp_path / "trunc.flexiq").write_text(text[: len(text) // 2])

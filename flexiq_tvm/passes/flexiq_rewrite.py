@@ -36,12 +36,15 @@ def _tensor(shape, dtype):
 
 
 def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: FoundLayer, lplan, batch: int,
-                out: str = "float", runtime_tables: bool = False) -> tvm.ir.GlobalVar:
+                out: str = "float", runtime_tables: bool = False, runtime_bias: bool = False,
+                bias_table: Optional[np.ndarray] = None, dynamic: bool = False) -> tvm.ir.GlobalVar:
     spec = found.spec
     unsigned = bool(lplan.act_unsigned)
     act_dtype = "uint8" if unsigned else "int8"
     q_w = quantize_weight_with_scale(spec.weight, lplan.weight_scale)
-    act_shift = relax.const(lplan.act_shift_per_channel.astype(np.int32))
+    # static: the shift of each channel's group; dynamic: the calibrated offset below the live max rule
+    per_group = lplan.act_dynamic_offset if dynamic else lplan.act_shift
+    act_shift = relax.const(np.asarray(per_group, dtype=np.int32)[lplan.rank])
     if runtime_tables:
         rank = relax.Var("rank", _tensor((spec.in_channels,), "int32"))
         w_shift = relax.Var("w_shift", _tensor(lplan.weight_shift.shape, "int32"))
@@ -51,7 +54,16 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
         w_shift = relax.const(np.ascontiguousarray(lplan.weight_shift, dtype=np.int32))
         extra = []
     scale = relax.const(dequant_scale(lplan.weight_scale, np.float32(lplan.act_scale)))
-    bias = relax.const(np.asarray(spec.bias, dtype=np.float32))
+    bias_row = None
+    if runtime_bias:
+        bias = relax.Var("bias", _tensor((spec.out_channels,), "float32"))
+        extra_bias = [bias]
+    elif bias_table is not None:
+        bias_row = relax.Var("bias_row", _tensor((1,), "int32"))
+        extra_bias = [bias_row]
+    else:
+        bias = relax.const(np.asarray(spec.bias, dtype=np.float32))
+        extra_bias = []
     in_shape = (batch,) + tuple(spec.in_shape)
     out_shape = (batch,) + tuple(spec.out_shape)
     tag = f"{index}_{spec.name}"
@@ -59,12 +71,18 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
     x = relax.Var("x", _tensor(in_shape, "float32"))
     counts = relax.Var("counts", _tensor((num_layers,), "int32"))
     attrs = {"flexiq.op": spec.op, "flexiq.layer": index, "flexiq.name": spec.name}
-    with bb.function(f"{LAYER_FUNC_PREFIX}{index}", [x, counts] + extra, attrs=attrs, private=True):
+    with bb.function(f"{LAYER_FUNC_PREFIX}{index}", [x, counts] + extra + extra_bias, attrs=attrs, private=True):
         with bb.dataflow():
+            if bias_row is not None:
+                # accuracy recovery: the bias of the current ratio level, picked at run time
+                picked = bb.emit(relax.op.take(relax.const(bias_table.astype(np.float32)), bias_row, axis=0,
+                                                  mode="clip"))
+                bias = bb.emit(relax.op.reshape(picked, (spec.out_channels,)))
             if spec.op == "conv2d":
                 pt, pl, pb, pr = spec.padding
                 qf = compute.quantize_act(in_shape, 1, pad=(pt, pl, pb, pr), scale=lplan.act_scale,
-                                          unsigned=unsigned, layer_index=index, num_layers=num_layers)
+                                          unsigned=unsigned, layer_index=index, num_layers=num_layers,
+                                          dynamic=dynamic, n_groups=lplan.n_groups)
                 padded = (batch, spec.in_channels, in_shape[2] + pt + pb, in_shape[3] + pl + pr)
                 wf = compute.lower_weight(q_w.shape, groups=spec.groups, n_groups=lplan.n_groups,
                                           layer_index=index, num_layers=num_layers, in_channels=spec.in_channels)
@@ -72,12 +90,17 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
                 kf = compute.conv2d_int8(padded, q_w.shape, strides=spec.strides, dilation=spec.dilation,
                                          groups=spec.groups, unsigned=unsigned)
                 x2d, q_shape = x, padded
+                q_in, q_out_shape = x2d, q_shape
             else:
                 rows = int(np.prod(in_shape[:-1]))
                 x2d = bb.emit(relax.op.reshape(x, (rows, spec.in_channels))) if len(in_shape) != 2 else x
                 q_shape = (rows, spec.in_channels)
-                qf = compute.quantize_act(q_shape, 1, pad=0, scale=lplan.act_scale, unsigned=unsigned,
-                                          layer_index=index, num_layers=num_layers)
+                # dynamic extraction takes its maxima per sample (batch row): an N-D input
+                # (batch, tokens..., C) is quantized before the reshape
+                q_in, q_out_shape = (x, in_shape) if dynamic and len(in_shape) != 2 else (x2d, q_shape)
+                qf = compute.quantize_act(q_out_shape, len(q_out_shape) - 1, pad=0, scale=lplan.act_scale,
+                                          unsigned=unsigned, layer_index=index, num_layers=num_layers,
+                                          dynamic=dynamic, n_groups=lplan.n_groups)
                 wf = compute.lower_weight(q_w.shape, groups=1, n_groups=lplan.n_groups, layer_index=index,
                                           num_layers=num_layers, in_channels=spec.in_channels)
                 wl_shape = compute.dense_weight_layout_shape(q_w.shape)
@@ -85,7 +108,9 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
             gq = bb.add_func(qf, f"flexiq_quantize_{tag}")
             gw = bb.add_func(wf, f"flexiq_lower_weight_{tag}")
             gk = bb.add_func(kf, f"flexiq_{spec.op}_{tag}")
-            q = bb.emit(relax.call_tir(gq, [x2d, counts, rank, act_shift], _tensor(q_shape, act_dtype)))
+            q = bb.emit(relax.call_tir(gq, [q_in, counts, rank, act_shift], _tensor(q_out_shape, act_dtype)))
+            if tuple(q_out_shape) != tuple(q_shape):
+                q = bb.emit(relax.op.reshape(q, q_shape))
             wl = bb.emit(relax.call_tir(gw, [relax.const(q_w), counts, rank, w_shift], _tensor(wl_shape, "int8")))
             y_shape = out_shape if spec.op == "conv2d" else (q_shape[0], spec.out_channels)
             y = bb.emit(relax.call_tir(gk, [q, wl, scale, bias], _tensor(y_shape, "float32")))
@@ -98,9 +123,11 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
 
 @relax.expr_functor.mutator
 class _ReplaceLayers(relax.PyExprMutator):
-    def __init__(self, mod, layers: Sequence[FoundLayer], layer_gvars, counts: relax.Var, originals, tables=None):
+    def __init__(self, mod, layers: Sequence[FoundLayer], layer_gvars, counts: relax.Var, originals, tables=None,
+                 biases=None):
         super().__init__(mod)
         self.tables = tables
+        self.biases = biases
         self.layers = layers
         self.layer_gvars = layer_gvars
         self.counts = counts
@@ -120,17 +147,33 @@ class _ReplaceLayers(relax.PyExprMutator):
             if call.same_as(orig):
                 x = self.visit_expr(call.args[0])
                 extra = list(self.tables[i]) if self.tables else []
+                if self.biases is not None:
+                    extra.append(self.biases[i])
                 return relax.Call(self.layer_gvars[i], [x, self.counts] + extra)
         return super().visit_call_(call)
 
 
+def bias_tables(layers: Sequence[FoundLayer], plan: Plan) -> Optional[List[np.ndarray]]:
+    """Per layer (1 + corrected levels, O): row 0 the model's bias, then one row per corrected level."""
+    if not plan.bias_correction:
+        return None
+    levels = sorted(plan.bias_correction)
+    return [np.stack([f.spec.bias] + [f.spec.bias - plan.bias_correction[r][i] for r in levels]).astype(np.float32)
+            for i, f in enumerate(layers)]
+
+
 def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, batch: int,
-                   runtime_tables: bool = False) -> tvm.IRModule:
+                   runtime_tables: bool = False, runtime_bias: bool = False) -> tvm.IRModule:
     """Returns a module whose `main(x, counts)` runs every layer of `layers` through FlexiQ.
 
     `runtime_tables=True` (the search build) also makes each layer's group-rank table and weight
     shift table run-time parameters of `main` (`rank_i`, `w_shift_i` after `counts`), so a search
     can try other group orders without recompiling; deployment builds keep them constant.
+    `runtime_bias=True` (the recovery build) makes each layer's bias a parameter `bias_i`. A plan
+    with bias corrections gets per-layer bias tables and a `bias_row` (int32, shape (1,)) parameter
+    after `counts` that selects the row of the current ratio level.
+    `plan.dynamic` (dynamic extraction) builds every quantize kernel with `dynamic=True`: the
+    activation shifts come from the live tensor, per sample and group (`act_shift` is unused).
     """
     main = mod["main"]
     batch_var = main.params[0].ty.shape.values[0]
@@ -149,7 +192,10 @@ def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, 
         raise ValueError("internal: layer discovery changed after binding the batch size")
     L = len(bound)
     bb = relax.BlockBuilder(mod)
-    gvars = [_emit_layer(bb, i, L, f, plan.layers[i], batch, runtime_tables=runtime_tables)
+    tables_b = None if runtime_bias else bias_tables(bound, plan)
+    gvars = [_emit_layer(bb, i, L, f, plan.layers[i], batch, runtime_tables=runtime_tables,
+                         runtime_bias=runtime_bias, bias_table=None if tables_b is None else tables_b[i],
+                         dynamic=bool(getattr(plan, "dynamic", False)))
              for i, f in enumerate(bound)]
     mod = bb.get()
     from ..frontend.graph import bindings
@@ -162,10 +208,17 @@ def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, 
     if runtime_tables:
         tables = [(relax.Var(f"rank_{i}", _tensor((p.in_channels,), "int32")),
                    relax.Var(f"w_shift_{i}", _tensor(p.weight_shift.shape, "int32"))) for i, p in enumerate(plan.layers)]
-    mutator = _ReplaceLayers(mod, bound, gvars, counts, originals, tables)
+    biases, bias_params = None, []
+    if runtime_bias:
+        biases = [relax.Var(f"bias_{i}", _tensor((f.spec.out_channels,), "float32")) for i, f in enumerate(bound)]
+        bias_params = biases
+    elif tables_b is not None:
+        row = relax.Var("bias_row", _tensor((1,), "int32"))
+        biases, bias_params = [row] * L, [row]
+    mutator = _ReplaceLayers(mod, bound, gvars, counts, originals, tables, biases)
     new_main = mutator.visit_expr(main)
     attrs = dict(main.attrs) if main.attrs is not None else {}
-    extra_params = [counts] + ([v for t in tables for v in t] if tables else [])
+    extra_params = [counts] + bias_params + ([v for t in tables for v in t] if tables else [])
     attrs["num_input"] = 1 + len(extra_params)
     new_main = relax.Function(list(new_main.params) + extra_params, new_main.body, new_main.ret_ty,
                               new_main.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))

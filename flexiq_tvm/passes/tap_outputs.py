@@ -31,3 +31,17 @@ def TapOutputs(taps: Sequence[relax.Expr], func_name: str = "main"):  # noqa: N8
         return relax.transform.Normalize()(mod)
 
     return _pass
+
+
+def flexiq_layer_taps(func: relax.Function):
+    """{layer index: (input expr, output var)} of the FlexiQ layer calls in a rewritten `main`."""
+    from .flexiq_rewrite import LAYER_FUNC_PREFIX
+
+    taps = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar) and \
+                    v.op.name_hint.startswith(LAYER_FUNC_PREFIX):
+                taps[int(v.op.name_hint[len(LAYER_FUNC_PREFIX):])] = (v.args[0], b.var)
+    return taps

@@ -73,7 +73,7 @@ def activation_group_shifts(absmax_code: np.ndarray, group_of_channel: np.ndarra
     return shift_for_magnitude(m, unsigned)
 
 
-SHIFT_RULES = ("max", "mse")
+SHIFT_RULES = ("max", "mse", "uniform")   # uniform: keep the top 4 bits (shift 4), no extraction
 
 
 def _mse_pick(err: np.ndarray) -> np.ndarray:

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .bitextract import (SHIFT_RULES, activation_group_shifts, activation_group_shifts_mse, weight_group_shifts,
+from .bitextract import (MAX_SHIFT, SHIFT_RULES, activation_group_shifts, activation_group_shifts_mse, weight_group_shifts,
                          weight_group_shifts_mse)
 from .calibrators import TensorStats, check_calibrator, clip_value
 from .int8 import activation_qrange, activation_scale, quantize_activation, quantize_weight
@@ -39,19 +39,26 @@ def plan_layer(spec: LayerSpec, stats: TensorStats, group_size: int, calibrator:
     rank = group_ranks(order, group_size)
     n = num_groups(spec.in_channels, group_size)
     channel_of = spec.weight_input_channel()
-    if shift_rule == "mse":
+    if shift_rule == "uniform":
+        w_shift = np.full((spec.out_channels, n), MAX_SHIFT, dtype=np.int32)
+    elif shift_rule == "mse":
         w_shift = weight_group_shifts_mse(q_w, channel_of, rank, n)
     else:
         w_shift = weight_group_shifts(q_w, channel_of, rank, n)
-    if shift_rule == "mse" and stats.channel_sample is not None and stats.channel_sample.size:
+    if shift_rule == "uniform":
+        a_shift = np.full(n, MAX_SHIFT, dtype=np.int32)
+    elif shift_rule == "mse" and stats.channel_sample is not None and stats.channel_sample.size:
         x_codes = quantize_activation(stats.channel_sample, s_x, spec.act_unsigned)
         a_shift = activation_group_shifts_mse(x_codes, rank, n, spec.act_unsigned)
     else:
         a_shift = activation_group_shifts(codes, rank, n, spec.act_unsigned)
+    # dynamic extraction keeps the static rule's clipping: live max-rule shift minus this offset
+    max_rule = activation_group_shifts(codes, rank, n, spec.act_unsigned)
+    offset = np.maximum(max_rule - a_shift, 0) if shift_rule == "mse" else np.zeros(n, np.int32)
     return LayerPlan(name=spec.name, op=spec.op, in_channels=spec.in_channels, out_channels=spec.out_channels,
                      groups=spec.groups, group_size=group_size, order=order, weight_scale=w_scale,
                      act_scale=float(s_x), act_unsigned=spec.act_unsigned,
-                     act_shift=a_shift, weight_shift=w_shift,
+                     act_shift=a_shift, weight_shift=w_shift, act_dynamic_offset=offset,
                      macs_per_channel=spec.macs_per_channel)
 
 

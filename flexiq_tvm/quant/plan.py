@@ -55,6 +55,9 @@ class LayerPlan:
     weight_shift: np.ndarray     # (O, n_groups) weight shift per (output channel, group)
     macs_per_channel: int
     group_sizes: Optional[Sequence[int]] = None   # channels per group, in lowering order
+    # dynamic extraction: bits subtracted from the live max-rule shift, per group (calibrated:
+    # how far below the max rule the static shift choice went; all 0 = the plain max rule)
+    act_dynamic_offset: Optional[Sequence[int]] = None
 
     def __post_init__(self):
         self.order = np.asarray(self.order, dtype=np.int32)
@@ -64,6 +67,9 @@ class LayerPlan:
             sizes[-1] = self.in_channels - self.group_size * (n - 1)
             self.group_sizes = sizes
         self.group_sizes = [int(v) for v in self.group_sizes]
+        if self.act_dynamic_offset is None:
+            self.act_dynamic_offset = [0] * len(self.group_sizes)
+        self.act_dynamic_offset = np.asarray(self.act_dynamic_offset, dtype=np.int32)
         self.weight_scale = np.asarray(self.weight_scale, dtype=np.float32)
         self.act_scale = float(np.float32(self.act_scale))
         self.act_shift = np.asarray(self.act_shift, dtype=np.int32)
@@ -94,6 +100,7 @@ class LayerPlan:
                          groups=self.groups, group_size=self.group_size, order=order,
                          weight_scale=self.weight_scale, act_scale=self.act_scale, act_unsigned=self.act_unsigned,
                          act_shift=self.act_shift[perm], weight_shift=self.weight_shift[:, perm],
+                         act_dynamic_offset=self.act_dynamic_offset[perm],
                          macs_per_channel=self.macs_per_channel, group_sizes=[self.group_sizes[g] for g in perm])
 
     @property
@@ -124,7 +131,8 @@ class LayerPlan:
                 "order": self.order.tolist(), "weight_scale": [float(v) for v in self.weight_scale],
                 "act_scale": self.act_scale, "act_unsigned": bool(self.act_unsigned),
                 "act_shift": self.act_shift.tolist(), "weight_shift": self.weight_shift.tolist(),
-                "macs_per_channel": int(self.macs_per_channel), "group_sizes": list(self.group_sizes)}
+                "macs_per_channel": int(self.macs_per_channel), "group_sizes": list(self.group_sizes),
+                "act_dynamic_offset": self.act_dynamic_offset.tolist()}
 
     @classmethod
     def from_json(cls, d: dict) -> "LayerPlan":
@@ -142,11 +150,20 @@ class Plan:
     levels: Dict[float, int]                 # ratio level -> schedule prefix length
     meta: dict = field(default_factory=dict)
     version: int = VERSION
+    # accuracy recovery: per ratio level, per layer, the float32 amount subtracted from the bias
+    bias_correction: Dict[float, List[np.ndarray]] = field(default_factory=dict)
+    # dynamic extraction: activation shifts from the live tensor (per sample and group) instead of
+    # the calibrated act_shift tables; weight shifts stay static. JSON body key "dynamic".
+    dynamic: bool = False
 
     def __post_init__(self):
+        self.dynamic = bool(self.dynamic)
+        self.bias_correction = {float(r): [np.asarray(d, dtype=np.float32) for d in deltas]
+                                for r, deltas in self.bias_correction.items()}
         self.schedule = [int(v) for v in self.schedule]
         self.levels = {float(k): int(v) for k, v in self.levels.items()}
         self._share = None
+        self.timings = {}       # seconds spent per quantization step; not saved (plans are reproducible)
 
     # ---- ratios ---------------------------------------------------------------------------
     @property
@@ -210,7 +227,10 @@ class Plan:
     def to_json(self) -> dict:
         return {"fingerprint": self.fingerprint, "group_size": self.group_size,
                 "layers": [l.to_json() for l in self.layers], "schedule": self.schedule,
-                "levels": {repr(k): v for k, v in sorted(self.levels.items())}, "meta": self.meta}
+                "levels": {repr(k): v for k, v in sorted(self.levels.items())}, "meta": self.meta,
+                "bias_correction": {repr(r): [[float(v) for v in d] for d in deltas]
+                                    for r, deltas in sorted(self.bias_correction.items())},
+                "dynamic": bool(self.dynamic)}
 
     def dumps(self) -> str:
         body = self.to_json()
@@ -242,7 +262,9 @@ class Plan:
             plan = cls(fingerprint=body["fingerprint"], group_size=int(body["group_size"]),
                        layers=[LayerPlan.from_json(d) for d in body["layers"]], schedule=body["schedule"],
                        levels={float(k): v for k, v in body["levels"].items()}, meta=body.get("meta", {}),
-                       version=version)
+                       version=version,
+                       bias_correction={float(k): v for k, v in body.get("bias_correction", {}).items()},
+                       dynamic=bool(body.get("dynamic", False)))
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{source}: plan is malformed ({type(e).__name__}: {e})") from None
         plan.validate(source)
@@ -269,3 +291,17 @@ class Plan:
         for r, p in self.levels.items():
             if not 0 <= p <= len(self.schedule):
                 raise PlanError(f"{source}: level {r} points past the schedule")
+        for r, deltas in self.bias_correction.items():
+            if r not in self.levels or len(deltas) != self.num_layers or any(
+                    d.shape != (l.out_channels,) for d, l in zip(deltas, self.layers)):
+                raise PlanError(f"{source}: bias correction for ratio {r} does not match the plan's levels/layers")
+
+    def bias_row(self, ratio) -> int:
+        """Row of the compiled bias tables for a ratio: 0 is the model's own bias; corrected levels
+        follow in ascending order. A ratio between levels uses the nearest corrected level below it."""
+        if not self.bias_correction:
+            return 0
+        r = check_ratio(ratio)
+        levels = sorted(self.bias_correction)
+        below = [i for i, lv in enumerate(levels) if lv <= r + 1e-12]
+        return below[-1] + 1 if below else 0

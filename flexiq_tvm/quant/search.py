@@ -154,20 +154,37 @@ class _Evolver:
 
     def repair(self, sets, frozen, target, tol):
         """Adds or removes non-frozen groups (lowest ids first when adding: the range order) until
-        the 4-bit MAC share lies within `tol` of `target`."""
+        the 4-bit MAC share lies in [target - tol[0], target + tol[1]]. The lower margin is small
+        so that a candidate cannot buy accuracy by computing less in 4-bit than asked."""
+        lo_tol, hi_tol = tol
         sets = [set(s) | set(f) for s, f in zip(sets, frozen)]
         for _ in range(10000):
             sh = self.share(sets)
-            if sh < target - tol:
-                open_layers = [l for l in range(self.L) if len(sets[l]) < len(self.macs[l])]
-                l = open_layers[self.rng.integers(len(open_layers))]
-                sets[l].add(min(set(range(len(self.macs[l]))) - sets[l]))
-            elif sh > target + tol:
-                movable = [l for l in range(self.L) if sets[l] - set(frozen[l])]
-                if not movable:
+            if sh < target - lo_tol:
+                # the next group (range order) of the layer that lands closest to the target
+                opts = []
+                for l in range(self.L):
+                    rest = set(range(len(self.macs[l]))) - sets[l]
+                    if rest:
+                        g = min(rest)
+                        opts.append((abs(sh + self.macs[l][g] / self.total - target), self.rng.random(), l, g))
+                if not opts:
                     break
-                l = movable[self.rng.integers(len(movable))]
-                sets[l].remove(max(sets[l] - set(frozen[l])))
+                _, _, l, g = min(opts)
+                sets[l].add(g)
+            elif sh > target + hi_tol:
+                opts = []
+                for l in range(self.L):
+                    free = sets[l] - set(frozen[l])
+                    if free:
+                        g = max(free)
+                        after = sh - self.macs[l][g] / self.total
+                        if after >= target - lo_tol:
+                            opts.append((abs(after - target), self.rng.random(), l, g))
+                if not opts:
+                    break
+                _, _, l, g = min(opts)
+                sets[l].remove(g)
             else:
                 break
         return [frozenset(s) for s in sets]
@@ -244,7 +261,8 @@ def evolutionary_levels(group_macs: Sequence[np.ndarray], evaluate: Callable[[li
     rng = np.random.default_rng(seed)
     ev = _Evolver(group_macs, evaluate, rng, population, generations, mutation_rate, elite, patience, progress)
     L = len(group_macs)
-    tol = 0.5 * max(float(g.max()) for g in ev.macs if len(g)) / ev.total
+    sizes = [float(v) for g in ev.macs for v in g]
+    tol = (0.5 * min(sizes) / ev.total, 0.5 * max(sizes) / ev.total)
     frozen = [frozenset() for _ in range(L)]
     out = []
     for r in sorted(float(v) for v in levels):

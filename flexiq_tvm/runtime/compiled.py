@@ -42,6 +42,12 @@ class CompiledModel:
         self._cache = {}
         self.counts = np.zeros(self.plan.num_layers, dtype=np.int32)
         self._counts_tensor = None
+        # accuracy recovery: which row of the compiled bias tables is live (None: no tables)
+        self._bias_rows = None
+        if self.plan.bias_correction:
+            n = len(self.plan.bias_correction) + 1
+            self._bias_rows = [tvm.runtime.tensor(np.array([i], np.int32), self.device) for i in range(n)]
+        self._bias_row = self._bias_rows[0] if self._bias_rows else None
         self.ratio = None
         self.set_ratio(0.0)
 
@@ -52,9 +58,10 @@ class CompiledModel:
         if cached is None:
             r = check_ratio(ratio)
             counts = self.plan.counts_for_ratio(r)
-            cached = (counts, tvm.runtime.tensor(counts, self.device))
+            row = self._bias_rows[self.plan.bias_row(r)] if self._bias_rows else None
+            cached = (counts, tvm.runtime.tensor(counts, self.device), row)
             self._cache[ratio] = cached
-        self.counts, self._counts_tensor = cached
+        self.counts, self._counts_tensor, self._bias_row = cached
         self.ratio = ratio
 
     def set_counts(self, counts) -> None:
@@ -62,6 +69,7 @@ class CompiledModel:
         counts = self.plan.check_counts(counts)
         self.counts = counts
         self._counts_tensor = tvm.runtime.tensor(counts, self.device)
+        self._bias_row = self._bias_rows[0] if self._bias_rows else None   # no correction off-level
         self.ratio = self.plan.mac_ratio(counts)
 
     @property
@@ -78,9 +86,13 @@ class CompiledModel:
                             f"{', '.join(map(str, self.input_shape))})")
         return np.ascontiguousarray(arr, dtype=np.float32)
 
+    def runtime_args(self) -> list:
+        """The run-time arguments of `main` after the input: counts (and the bias-table row)."""
+        return [self._counts_tensor] if self._bias_row is None else [self._counts_tensor, self._bias_row]
+
     def run_batch(self, x: np.ndarray):
         """One call of the compiled function on exactly `batch_size` samples (tvm tensors out)."""
-        return self._main(tvm.runtime.tensor(x, self.device), self._counts_tensor)
+        return self._main(tvm.runtime.tensor(x, self.device), *self.runtime_args())
 
     def __call__(self, x) -> np.ndarray:
         arr = self._check(x)
@@ -99,8 +111,15 @@ class CompiledModel:
         if x is None:
             x = np.random.default_rng(0).standard_normal((self.batch_size,) + self.input_shape).astype(np.float32)
         t = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)(
-            tvm.runtime.tensor(self._check(x), self.device), self._counts_tensor)
+            tvm.runtime.tensor(self._check(x), self.device), *self.runtime_args())
         return float(np.median(t.results))
+
+    def npu_stats(self) -> dict:
+        """Per-layer NPU cycles (compute, DMA, vector, total), MACs and array utilisation of the last
+        call; artifacts built for target "npu" only (the table lives in the simulator runtime)."""
+        from ..targets.npu.stats import read_stats
+
+        return read_stats(self)
 
     # ---- files ---------------------------------------------------------------------------------
     def export(self, path) -> None:

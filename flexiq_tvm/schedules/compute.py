@@ -12,6 +12,9 @@ Integer semantics (all on int32, ``>>`` arithmetic):
 * activation quantization: ``q = int32(clamp(floor(f32(x) / f32(s) + 0.5f), lo, hi))``
   (true division, then add, then floor; lo,hi = -127,127 signed / 0,255 unsigned)
 * channel ``c`` is low iff ``rank[c] < counts[layer_index]`` (``counts`` is a run-time input)
+* dynamic extraction (``quantize_act(dynamic=True)``, attr ``flexiq.dynamic``): the shift of a
+  low channel is ``e[n, rank[c]]`` from the live codes of sample ``n`` (max |q| of the group),
+  ``e = (m>=8)+(m>=16)+(m>=32)+(m>=64)`` signed / ``(m>=16)+..+(m>=128)`` unsigned
 
 Weight layouts produced by :func:`lower_weight` and consumed by :func:`conv2d_int8` /
 :func:`dense_int8` (``ob`` = output-channel block, always a divisor of ``O // groups`` so a block
@@ -189,16 +192,26 @@ def quantize_act(
     unsigned: bool = False,
     layer_index: int = 0,
     num_layers: int = 1,
+    dynamic: bool = False,
+    n_groups: int | None = None,
 ) -> tvm.tirx.PrimFunc:
     """Quantize float32 activations, lowering the run-time-selected low channels.
 
     NCHW (``channel_axis=1``, 4-D ``shape``): params ``(x f32[N,C,H,W], counts i32[L],
     rank i32[C], shift i32[C], q[N, C, H+pt+pb, W+pl+pr])``; ``pad`` is an int, ``(ph, pw)``
     or ``(top, left, bottom, right)``; the border is 0.
-    Channel-last (``channel_axis = len(shape) - 1``, e.g. dense ``[M, C]``): same params,
-    ``q`` has the shape of ``x`` (``pad`` must be 0).
+    Channel-last (``channel_axis = len(shape) - 1``, e.g. dense ``[M, C]`` or tokens
+    ``[N, T, C]``): same params, ``q`` has the shape of ``x`` (``pad`` must be 0).
     ``q`` is int8 (signed, [-127, 127], 4-bit [-8, 7]) or uint8 (unsigned, [0, 255], 4-bit
     [0, 15]).
+
+    ``dynamic=True`` (dynamic extraction): ``shift`` holds a per-channel *offset* instead (0 for
+    the plain max rule); the shift of low channel ``c`` of sample ``n`` (axis 0) is
+    ``max(e[n, rank[c]] - shift[c], 0)`` with ``m[n, g] = max |q0|`` over the channels of group
+    ``g`` and all other positions of sample ``n`` (padding excluded), ``e = clamp(bitlen(m) - (4 if
+    unsigned else 3), 0, 4)``.  Stages (blocks): ``q0`` codes, ``x_max`` per (n, c), ``g_max`` per (n, g),
+    ``e_c`` the shift of each (n, c) (-1 = not low), ``q`` the lowered (padded) output.
+    ``n_groups`` bounds the group ids (default ``C``; only ``rank[c] < n_groups`` can be low).
     """
     shape = tuple(int(s) for s in shape)
     nd = len(shape)
@@ -219,15 +232,71 @@ def quantize_act(
     s = tvm.tirx.const(float(scale), "float32")
     half = tvm.tirx.const(0.5, "float32")
 
-    def qval(*idx):
-        c = idx[channel_axis]
+    def code(*idx):
         v = tvm.tirx.floor(x(*idx) / s + half)
         v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(float(hi), "float32")),
                          tvm.tirx.const(float(lo), "float32"))
-        q = v.astype("int32")
-        low = rank[c] < counts[li]
-        q = tvm.tirx.Select(low, _lower_expr(q, shift[c], lo4, hi4), q)
-        return q.astype(odt)
+        return v.astype("int32")
+
+    if not dynamic:
+        def qval(*idx):
+            c = idx[channel_axis]
+            q = code(*idx)
+            low = rank[c] < counts[li]
+            q = tvm.tirx.Select(low, _lower_expr(q, shift[c], lo4, hi4), q)
+            return q.astype(odt)
+    else:
+        if not ((nd == 4 and channel_axis == 1) or (nd >= 2 and channel_axis == nd - 1)):
+            raise ValueError("dynamic extraction needs NCHW or channel-last activations")
+        G = C if n_groups is None else int(n_groups)
+        assert 1 <= G <= C, (G, C)
+        N = shape[0]
+        zero = _i32(0)
+        minus1 = _i32(-1)
+        # stage 1: INT8 codes (same float math as the static kernel), stored in the output dtype
+        q0 = te.compute(shape, lambda *idx: code(*idx).astype(odt), name="q0")
+        # stage 2: per (sample, channel) max |code| over all other axes
+        others = [a for a in range(1, nd) if a != channel_axis]
+        if others:
+            raxes = [te.reduce_axis((0, shape[a]), name=f"r{a}") for a in others]
+
+            def fmax(n, c):
+                idx = [n] + [None] * (nd - 1)
+                idx[channel_axis] = c
+                for a, r in zip(others, raxes):
+                    idx[a] = r
+                return te.max(tvm.tirx.abs(q0[tuple(idx)].astype("int32")), axis=raxes)
+
+            xmax = te.compute((N, C), fmax, name="x_max")
+        else:  # [N, C]: one position per sample
+            xmax = te.compute((N, C), lambda n, c: tvm.tirx.abs(q0[n, c].astype("int32")),
+                              name="x_max")
+        # stage 3: per (sample, group) max over the group's channels, then the shift
+        rc = te.reduce_axis((0, C), name="rc")
+        gmax = te.compute(
+            (N, G),
+            lambda n, g: te.max(tvm.tirx.Select(rank[rc] == g, xmax[n, rc], zero), axis=[rc]),
+            name="g_max")
+        ths = (16, 32, 64, 128) if unsigned else (8, 16, 32, 64)
+
+        def shift_of(n, c):
+            r = rank[c]
+            m = gmax[n, tvm.tirx.max(tvm.tirx.min(r, _i32(G - 1)), zero)]
+            e = zero
+            for t in ths:
+                e = e + (m >= _i32(t)).astype("int32")
+            e = tvm.tirx.max(e - shift[c], zero)
+            return tvm.tirx.Select(r < counts[li], e, minus1)
+
+        ec = te.compute((N, C), shift_of, name="e_c")
+
+        # stage 4: lowering
+        def qval(*idx):
+            c = idx[channel_axis]
+            v = q0(*idx).astype("int32")
+            e = ec[idx[0], c]
+            lv = _lower_expr(v, tvm.tirx.max(e, zero), lo4, hi4)
+            return tvm.tirx.Select(e >= zero, lv, v).astype(odt)
 
     if nd == 4 and channel_axis == 1:
         pt, pl, pb, pr = _norm_pad(pad)
@@ -249,7 +318,8 @@ def quantize_act(
         q = te.compute(shape, qval, name="q")
         layout = "NC"
     func = te.create_prim_func([x, counts, rank, shift, q])
-    return _finish(func, "quantize_act", layout=layout, layer_index=li, unsigned=bool(unsigned))
+    return _finish(func, "quantize_act", layout=layout, layer_index=li, unsigned=bool(unsigned),
+                   dynamic=bool(dynamic))
 
 
 # --------------------------------------------------------------------------- lower_weight

@@ -22,7 +22,8 @@ Strategies:
   (``(n, o, oh) [parallel] -> kh, kw (unrolled) -> ow (vectorized)``).
 * ``dense_int8``: ``(m, o-block) -> c -> oi (vectorized)``.
 * ``quantize_act``: padding split off with ``decompose_padding`` (zero fill + interior) so both
-  vectorize; ``lower_weight``: byte transpose (scalar, input order) + vectorized lowering.
+  vectorize; dynamic extraction (``flexiq.dynamic``) adds the code / max stages before it (see
+  ``_sched_dynamic_stages``); ``lower_weight``: byte transpose (scalar, input order) + vectorized lowering.
 
 Threads are used only above a size threshold (see ``_PARALLEL_MIN_*``).
 """
@@ -93,13 +94,72 @@ def _vec_inner(sch, loop, limit=64):
     sch.vectorize(loop)
 
 
+def _sched_channel_last(sch: s_tir.Schedule, blk, par: bool):
+    """Elementwise channel-last block [.., C]: outer loops fused (parallel), C vectorized."""
+    *outer_loops, c = sch.get_loops(blk)
+    Cc = _extent(sch, c)
+    if Cc > 64:
+        co, c = sch.split(c, [None, _largest_divisor(Cc, 64)])
+        outer_loops.append(co)
+    if outer_loops:
+        outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+        if par:
+            sch.parallel(outer)
+    sch.vectorize(c)
+
+
+def _sched_dynamic_stages(sch: s_tir.Schedule, func, par: bool):
+    """Dynamic extraction (``flexiq.dynamic``): the stages before the output block ``q``.
+
+    ``q0`` (codes) elementwise like ``q``; ``x_max`` (per (n, c) max |code|): NCHW rfactors the
+    w axis so the h-reduction runs vectorized along w (``x_max_rf[n, c, w]``), then a short
+    scalar max over w; channel-last keeps c innermost and vectorized with the token reduction
+    outside. ``g_max`` / ``e_c`` are G x C / C per sample: left scalar."""
+    nchw = _attr(func, "layout", "NC") == "NCHW"
+    q0 = sch.get_sblock("q0")
+    if nchw:
+        n, c, h, w = sch.get_loops(q0)
+        nc = sch.fuse(n, c)
+        if par:
+            sch.parallel(nc)
+        _vec_inner(sch, sch.fuse(h, w), 64)
+    else:
+        _sched_channel_last(sch, q0, par)
+    xm = sch.get_sblock("x_max")
+    loops = sch.get_loops(xm)
+    try:
+        if nchw:
+            n, c, rh, rw = loops
+            rf = sch.rfactor(rw, 2)          # x_max_rf[n, c, w] = max_h |q0|
+            n1, c1, rh1, rw1 = sch.get_loops(rf)
+            nc1 = sch.fuse(n1, c1)
+            if par:
+                sch.parallel(nc1)
+            # vectorize before decompose_reduction (needs the complete reduction block)
+            _vec_inner(sch, rw1, 64)
+            init = sch.decompose_reduction(rf, rh1)
+            sch.vectorize(sch.get_loops(init)[-1])
+        elif len(loops) > 2:
+            n, c, *rs = loops
+            sch.reorder(n, *rs, c)
+            sch.vectorize(c)
+            init = sch.decompose_reduction(xm, rs[0])
+            sch.vectorize(sch.get_loops(init)[-1])
+        else:  # [N, C]: elementwise |q0|
+            sch.vectorize(loops[-1])
+    except Exception:  # noqa: BLE001  (a schedule primitive refused: keep the naive loops)
+        pass
+
+
 def _sched_quantize(sch: s_tir.Schedule, func):
     blk = sch.get_sblock("q")
-    loops = sch.get_loops(blk)
     total = 1
     for s in _buf_shape(func, "q"):
         total *= s
     par = total >= _PARALLEL_MIN_WORK
+    if _attr(func, "dynamic", 0):
+        _sched_dynamic_stages(sch, func, par)
+    loops = sch.get_loops(blk)
     if len(loops) == 4:  # NCHW padded
         n, c, h, w = loops
         nc = sch.fuse(n, c)
@@ -115,15 +175,7 @@ def _sched_quantize(sch: s_tir.Schedule, func):
             pass
         _vec_inner(sch, sch.get_loops(blk)[-1], 64)
     else:  # channel-last [.., C]
-        *outer_loops, c = loops
-        Cc = _extent(sch, c)
-        if Cc > 64:
-            co, c = sch.split(c, [None, _largest_divisor(Cc, 64)])
-            outer_loops.append(co)
-        outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
-        if par:
-            sch.parallel(outer)
-        sch.vectorize(c)
+        _sched_channel_last(sch, blk, par)
 
 
 def _sched_lower_weight(sch: s_tir.Schedule, func):

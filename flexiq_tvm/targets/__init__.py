@@ -17,8 +17,17 @@ def register_target(name: str):
     return deco
 
 
+def _register_lazy(name: str):
+    if name == "npu" and "npu" not in _TARGETS:
+        from . import npu  # noqa: F401  (registers itself; imported on demand like llvm)
+    if name == "cuda" and "cuda" not in _TARGETS:
+        from . import cuda  # noqa: F401  (registers itself; imported on demand)
+
+
 def get_target(name: str, **options):
     from . import llvm  # noqa: F401  (registers itself)
+
+    _register_lazy(name)
 
     if name not in _TARGETS:
         raise ValueError(f"unknown target {name!r}; available: {', '.join(sorted(_TARGETS))}")
@@ -27,5 +36,8 @@ def get_target(name: str, **options):
 
 def available_targets():
     from . import llvm  # noqa: F401
+
+    _register_lazy("npu")
+    _register_lazy("cuda")
 
     return sorted(_TARGETS)

@@ -11,6 +11,8 @@ class FlexiQTarget:
     """Schedules the FlexiQ kernels of a rewritten module and builds it with TVM."""
 
     name = "base"
+    # whether the target's lowering accepts the per-ratio bias rows of accuracy recovery
+    supports_bias_rows = True
 
     def __init__(self, tvm_target: tvm.target.Target):
         self.tvm_target = tvm_target

@@ -1,0 +1,95 @@
+"""The FlexiQ NPU target (issue 5; docs/npu.md): a systolic-array NPU with 8-bit and dual 4-bit
+MACs, reached through TVM's BYOC flow and executed by a bit-exact, cycle-counting simulator.
+
+    partition.py  inline the FlexiQ layer functions, DPL patterns, FuseOpsByPattern +
+                  MergeCompositeFunctions (Codegen = "flexiq_npu")
+    codegen.py    relax.ext.flexiq_npu: layers -> tiles -> NPU instruction streams -> C source
+    runtime.c     the simulator (functional + timing), compiled into the artifact
+    config.py     NPUConfig (array, SRAMs, DMA, vector unit, clock) and its validation
+    stats.py      decoding of the per-layer cycle table behind `CompiledModel.npu_stats()`
+
+Whatever the NPU does not take (residual adds, pooling, reshapes, layers that do not fit) is
+built for the host (llvm) in the same artifact.
+"""
+from __future__ import annotations
+
+import warnings
+
+import tvm
+from tvm import relax
+
+from .. import register_target
+from ..llvm import LLVMTarget
+from . import codegen as _codegen
+from .codegen import CODEGEN, STATS_COLS, STATS_FUNC, build_context, extract_layer, plan_tiles
+from .config import NPUConfig, NPUConfigError
+from .partition import partition
+
+STATS_RELAX_FUNC = "flexiq_npu_stats_get"
+
+__all__ = ["NPUTarget", "NPUConfig", "NPUConfigError", "STATS_RELAX_FUNC"]
+
+
+def _feasible_layers(mod: tvm.IRModule, cfg: NPUConfig):
+    """{layer index: True/False}: whether each FlexiQ layer can be tiled to the NPU's SRAMs."""
+    from ...passes.flexiq_rewrite import LAYER_FUNC_PREFIX
+
+    prims = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    ok = {}
+    for gv, f in mod.functions_items():
+        if not (isinstance(f, relax.Function) and gv.name_hint.startswith(LAYER_FUNC_PREFIX)):
+            continue
+        try:
+            L, _, _ = extract_layer(f, {}, prims)
+        except Exception as e:           # not a layer shape the NPU knows: host
+            warnings.warn(f"flexiq npu: {gv.name_hint} stays on the host ({e})")
+            continue
+        fits = plan_tiles(L, cfg) is not None
+        if not fits:
+            warnings.warn(f"flexiq npu: layer {L.layer} ({f.attrs.get('flexiq.name', '')}) does not fit the "
+                          f"NPU's SRAMs with this npu_config; it runs on the host")
+        ok[L.layer] = fits
+    return ok
+
+
+@register_target("npu")
+class NPUTarget(LLVMTarget):
+    """FlexiQ layers on the simulated NPU, everything else on the host CPU (llvm)."""
+
+    name = "npu"
+    # per-ratio bias tables (accuracy recovery) would need a second run-time register selecting the
+    # bias row in the vector unit: not built yet, so fq.compile drops the corrections with a warning
+    supports_bias_rows = False
+
+    def __init__(self, tvm_target=None, schedule: bool = True, npu_config=None, merge: bool = True):
+        super().__init__(tvm_target, schedule)
+        self.config = NPUConfig.from_any(npu_config)
+        self.merge = bool(merge)
+        self.programs = {}
+
+    def partition(self, mod: tvm.IRModule) -> tvm.IRModule:
+        ok = _feasible_layers(mod, self.config)
+        return partition(mod, offload=lambda i: ok.get(i, False), merge=self.merge)
+
+    def lower(self, mod: tvm.IRModule) -> tvm.IRModule:
+        """Partition + codegen; returns the host module (external C module in its attrs)."""
+        params = mod["main"].params
+        counts = next((p for p in params if str(getattr(p, "name", "")) == "counts"), params[1])
+        num_layers = int(counts.ty.shape.values[0])
+        mod = self.partition(mod)
+        with build_context(mod, self.config, num_layers) as ctx:
+            mod = relax.transform.RunCodegen()(mod)
+            self.programs = dict(ctx.get("programs", {}))
+        if self.programs:
+            bb = relax.BlockBuilder(mod)
+            with bb.function(STATS_RELAX_FUNC, []):
+                out = bb.emit(relax.call_dps_packed(
+                    STATS_FUNC, [], out_ty=relax.TensorType([num_layers + 1, STATS_COLS], "float64")))
+                bb.emit_func_output(out)
+            mod = bb.get()
+        return relax.transform.DeadCodeElimination(
+            [gv.name_hint for gv, f in mod.functions_items()
+             if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs])(mod)
+
+    def build(self, mod: tvm.IRModule):
+        return super().build(self.lower(mod))
