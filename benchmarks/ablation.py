@@ -157,7 +157,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples", type=int, default=256, help="calibration samples scored by the searches")
+    ap.add_argument("--samples", type=int, default=512, help="calibration samples scored by the searches")
     ap.add_argument("--generations", type=int, default=20)
     ap.add_argument("--mobilenet", action="store_true", help="also run ImageNet MobileNetV2 (see docstring)")
     ap.add_argument("--mobilenet-work-dir", default="mnv2_work")

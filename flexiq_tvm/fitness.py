@@ -3,7 +3,8 @@
 The search build makes the per-layer counts, group-rank tables and weight-shift tables run-time
 inputs (`flexiq_rewrite(runtime_tables=True)`), so any candidate (which groups of which layer are
 4-bit) runs through the same executable. The score is the distance of the candidate's logits from
-the INT8 model's (all counts zero) on a fixed calibration batch: relative MSE (default) or KL.
+the INT8 model's (all counts zero) on a fixed calibration batch: KL of the softmax outputs
+(default) or the relative MSE of the logits.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ METRICS = ("mse", "kl")
 
 class OutputDistance:
     def __init__(self, model, plan: Plan, inputs: np.ndarray, batch_size: int = 64, target: str = "llvm",
-                 metric: str = "mse"):
+                 metric: str = "kl"):
         from .passes.flexiq_rewrite import flexiq_rewrite
         from .targets import get_target
 

@@ -28,8 +28,8 @@ def _set_schedule(plan: Plan, schedule):
                                  sorted(plan.levels))
 
 
-def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0, samples: int = 256,
-               metric: str = "mse", curve_points: int = 8, population: int = 16, generations: int = 20,
+def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0, samples: int = 512,
+               metric: str = "kl", curve_points: int = 8, population: int = 16, generations: int = 20,
                patience: int = 5, progress: bool = True, target: str = "llvm") -> Plan:
     """Replaces the plan's proportional (range) schedule with the chosen search's result, in place."""
     from .fitness import OutputDistance
