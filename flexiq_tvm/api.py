@@ -33,8 +33,8 @@ def _as_plan(plan) -> Plan:
 
 def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size: int = 16,
              calibrator: str = "percentile", search: str = "evolutionary", seed: int = 0, batch_size: int = 32,
-             percentile: float = 99.99, shift_rule: str = "mse", search_samples: int = 256,
-             metric: str = "mse", population: int = 16, generations: int = 20, patience: int = 5,
+             percentile: float = 99.99, shift_rule: str = "mse", search_samples: int = 512,
+             metric: str = "kl", population: int = 16, generations: int = 20, patience: int = 5,
              curve_points: int = 8, recover: bool = True, progress: bool = True) -> Plan:
     """Calibrate `model` on `calib` and build its FlexiQ plan (scales, orders, shifts, ratio levels).
 

@@ -15,6 +15,11 @@ DEMO_CALIB = "fashion_calib.npz"
 DEMO_TEST = "fashion_test.npz"
 
 
+PREPROCESS_HELP = ("for an image folder: a preset (imagenet, fashion, unit) and/or key=value items, e.g. "
+                   "'resize=256,crop=224,mean=0.485/0.456/0.406,std=0.229/0.224/0.225,layout=NCHW,mode=RGB' "
+                   "or a .json file; default: the folder's preprocess.json, else a guess from the model input")
+
+
 def asset(name: str) -> str:
     return str(resources.files("flexiq_tvm").joinpath("assets", name))
 
@@ -36,13 +41,25 @@ def _write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def _data_source(path, args):
+    """An .npz path as is; a folder of images with the --preprocess spec (or its preprocess.json)."""
+    spec = getattr(args, "preprocess", None)
+    if os.path.isdir(path):
+        from .images import ImageFolder
+
+        return ImageFolder(path, spec)
+    if spec is not None:
+        raise FlexiQError(f"--preprocess applies to image folders; {path} is not a folder")
+    return path
+
+
 def cmd_quantize(args):
     import flexiq_tvm as fq
 
     model = fq.load_model(args.model)
-    plan = fq.quantize(model, args.calib, ratios=args.ratios, group_size=args.group_size,
+    plan = fq.quantize(model, _data_source(args.calib, args), ratios=args.ratios, group_size=args.group_size,
                        calibrator=args.calibrator, search=args.search, seed=args.seed, metric=args.metric,
-                       population=args.population, generations=args.generations,
+                       population=args.population, generations=args.generations, recover=args.recover,
                        percentile=args.percentile, progress=not args.quiet)
     plan.save(args.output)
     share = {r: round(float(plan.mac_share[p]), 3) for r, p in plan.levels.items()}
@@ -53,7 +70,16 @@ def cmd_quantize(args):
 def cmd_compile(args):
     import flexiq_tvm as fq
 
-    cm = fq.compile(args.model, args.plan, target=args.target, batch_size=args.batch_size)
+    opts = {}
+    if getattr(args, "npu_config", None) is not None:
+        if args.target != "npu":
+            raise SystemExit("flexiq compile: --npu-config needs --target npu")
+        opts["npu_config"] = args.npu_config
+    if getattr(args, "arch", None) is not None:
+        if args.target != "cuda":
+            raise SystemExit("flexiq compile: --arch needs --target cuda")
+        opts["arch"] = args.arch
+    cm = fq.compile(args.model, args.plan, target=args.target, batch_size=args.batch_size, **opts)
     cm.export(args.output)
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.2f} MB): target {cm.target}, "
           f"batch {cm.batch_size}, {cm.plan.num_layers} layers, ratio set at run time with set_ratio(r)")
@@ -68,6 +94,11 @@ def _eval_and_print(model, plan, data, args):
     if args.json:
         _write_json(args.json, report)
         print(f"wrote {args.json}")
+    if getattr(args, "plot", None):
+        from .plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"wrote {args.plot}")
     return report
 
 
@@ -75,7 +106,7 @@ def cmd_eval(args):
     import flexiq_tvm as fq
 
     model = fq.load_model(args.model)
-    _eval_and_print(model, fq.Plan.load(args.plan), args.data, args)
+    _eval_and_print(model, fq.Plan.load(args.plan), _data_source(args.data, args), args)
 
 
 def cmd_demo(args):
@@ -85,8 +116,19 @@ def cmd_demo(args):
     model = fq.load_model(asset(DEMO_MODEL))
     plan = fq.quantize(model, asset(DEMO_CALIB), ratios=args.ratios, group_size=args.group_size,
                        seed=args.seed, progress=not args.quiet)
-    print(f"quantized {plan.num_layers} layers in {plan.meta['quantize_seconds']:.1f} s")
+    print(f"quantized {plan.num_layers} layers in {plan.timings['quantize']:.1f} s")
     _eval_and_print(model, plan, asset(DEMO_TEST), args)
+
+
+def cmd_report(args):
+    from .quant.plan import Plan
+    from .report import format_sensitivity, sensitivity_report
+
+    rep = sensitivity_report(Plan.load(args.plan))
+    print(format_sensitivity(rep))
+    if args.json:
+        _write_json(args.json, rep)
+        print(f"wrote {args.json}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,15 +149,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="calibrate a model and write its FlexiQ plan")
     q.add_argument("model", help="ONNX file")
-    q.add_argument("--calib", required=True, help=".npz with 'inputs' (N, ...) already preprocessed")
+    q.add_argument("--calib", required=True, help=".npz with 'inputs' (N, ...) already preprocessed, or a folder "
+                   "of images (see --preprocess)")
+    q.add_argument("--preprocess", metavar="SPEC", help=PREPROCESS_HELP)
     q.add_argument("-o", "--output", required=True, help="plan file to write")
     q.add_argument("--calibrator", choices=["max", "percentile", "mse"], default="percentile")
     q.add_argument("--percentile", type=float, default=99.99)
-    q.add_argument("--search", choices=["range", "sensitivity", "greedy", "evolutionary"], default="sensitivity",
-                   help="channel selection across layers (default sensitivity)")
-    q.add_argument("--metric", choices=["mse", "kl"], default="mse", help="search fitness vs the INT8 output")
+    q.add_argument("--search", choices=["range", "sensitivity", "greedy", "evolutionary"], default="evolutionary",
+                   help="channel selection across layers (default evolutionary)")
+    q.add_argument("--metric", choices=["mse", "kl"], default="kl", help="search fitness vs the INT8 output")
     q.add_argument("--population", type=int, default=16)
     q.add_argument("--generations", type=int, default=20)
+    q.add_argument("--no-recover", dest="recover", action="store_false",
+                   help="skip the per-ratio bias correction after the search")
     quant_opts(q)
     common(q)
     q.set_defaults(func=cmd_quantize)
@@ -123,7 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model and plan into one artifact for all ratios")
     c.add_argument("model")
     c.add_argument("--plan", required=True)
-    c.add_argument("--target", default="llvm", choices=["llvm"])
+    c.add_argument("--target", default="llvm", choices=["llvm", "npu", "cuda"])
+    c.add_argument("--arch", default=None, choices=["sm_80", "sm_86", "sm_89", "sm_90"],
+                   help="GPU architecture for --target cuda (default sm_80; sm_90 gains no speed from the ratio)")
+    c.add_argument("--npu-config", default=None, metavar="JSON",
+                   help='NPU configuration for --target npu, e.g. \'{"rows": 16, "cols": 16}\' (docs/npu.md)')
     c.add_argument("--batch-size", type=int, default=1)
     c.add_argument("-o", "--output", required=True, help="artifact (.so) to write")
     common(c)
@@ -132,17 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy and latency per ratio vs FP32")
     e.add_argument("model")
     e.add_argument("--plan", required=True)
-    e.add_argument("--data", required=True, help=".npz with 'inputs' and optional 'labels'")
+    e.add_argument("--data", required=True, help=".npz with 'inputs' and optional 'labels', or a folder of images "
+                   "(class sub-folders give labels; see --preprocess)")
+    e.add_argument("--preprocess", metavar="SPEC", help=PREPROCESS_HELP)
+    e.add_argument("--plot", metavar="PNG", help="write accuracy (or agreement) vs latency per ratio (needs matplotlib)")
     e.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--json", help="write the report as JSON")
     common(e)
     e.set_defaults(func=cmd_eval)
 
+    rp = sub.add_parser("report", help="per-layer sensitivity of a plan: which layers should stay 8-bit")
+    rp.add_argument("plan")
+    rp.add_argument("--json", help="write the report as JSON")
+    rp.set_defaults(func=cmd_report)
+
     d = sub.add_parser("demo", help="quantize, compile and evaluate the model shipped with flexiq-tvm")
     quant_opts(d)
     d.add_argument("--batch-size", type=int, default=32)
     d.add_argument("--json", help="write the report as JSON")
+    d.add_argument("--plot", metavar="PNG", help="write accuracy vs latency per ratio (needs matplotlib)")
     common(d)
     d.set_defaults(func=cmd_demo)
     return p

@@ -35,9 +35,18 @@ def load_npz(path, input_name: Optional[str] = None) -> Tuple[np.ndarray, Option
 
 
 def load_data(source, model=None, what: str = "data"):
-    """Accepts an array, a dict with 'inputs'[/'labels'], or an `.npz` path; validates vs `model`."""
+    """Accepts an array, a dict with 'inputs'[/'labels'], an `.npz` path, an image folder (path or
+    `images.ImageFolder` with its preprocessing); validates vs `model`."""
     labels = None
-    if isinstance(source, (str, os.PathLike)):
+    if hasattr(source, "load") and hasattr(source, "preprocess"):      # images.ImageFolder
+        inputs, labels = source.load(model)
+        what = os.fspath(source.path)
+    elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        from .images import load_image_folder     # a folder of images (preprocess.json or a default)
+
+        inputs, labels = load_image_folder(source, input_shape=getattr(model, "input_shape", None))
+        what = os.fspath(source)
+    elif isinstance(source, (str, os.PathLike)):
         inputs, labels = load_npz(source, getattr(model, "input_name", None))
         what = os.fspath(source)
     elif isinstance(source, dict):

@@ -77,7 +77,7 @@ def evaluate(model, plan, data, ratios: Sequence[float] = STANDARD_LEVELS, batch
                  "kl": kl_divergence(ref, y)}
         if lat is not None:
             lat.set_ratio(r)
-            entry["latency_ms"] = _time_vm(lat.vm, [x1, lat._counts_tensor], number, repeat)
+            entry["latency_ms"] = _time_vm(lat.vm, [x1] + lat.runtime_args(), number, repeat)
             entry["speedup_vs_fp32"] = report["fp32"]["latency_ms"] / entry["latency_ms"]
         report["ratios"].append(entry)
     report["seconds"] = round(time.perf_counter() - t0, 2)

@@ -72,7 +72,7 @@ def use_counts(func: relax.Function) -> Dict[relax.Var, int]:
 _NONNEG_PRESERVING = {
     "relax.nn.max_pool2d", "relax.nn.avg_pool2d", "relax.nn.adaptive_avg_pool2d", "relax.mean", "relax.sum",
     "relax.reshape", "relax.permute_dims", "relax.squeeze", "relax.expand_dims", "relax.flatten",
-    "relax.add", "relax.multiply", "relax.maximum", "relax.strided_slice", "relax.take", "relax.image.resize2d",
+    "relax.add", "relax.multiply", "relax.maximum", "relax.minimum", "relax.strided_slice", "relax.take", "relax.image.resize2d",
 }
 
 
@@ -104,6 +104,8 @@ def nonnegative_vars(func: relax.Function) -> set:
             ok = lo is not None and lo >= 0
         elif name == "relax.concat":
             ok = arg_ok(v.args[0])
+        elif name == "relax.maximum":                 # max(x, 0) is >= 0 whatever x is
+            ok = any(arg_ok(a) for a in v.args)
         elif name in _NONNEG_PRESERVING:
             ok = all(arg_ok(a) for a in v.args)
         elif isinstance(v, relax.Var):

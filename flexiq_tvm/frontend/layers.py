@@ -1,8 +1,15 @@
 """Finds the layers FlexiQ quantizes: conv2d (any groups) and dense/matmul with constant weights.
 
-Everything else stays float. A layer of a quantizable kind that cannot be handled (a weight that is
-not a constant, another layout, a dynamic shape) also stays float, with a warning that names it:
+Everything else stays float. A layer of a quantizable kind that cannot be handled (a conv weight that
+is not a constant, another layout, a dynamic shape) also stays float, with a warning that names it:
 never a silent wrong answer.
+
+Transformers: every Linear / Gemm / MatMul whose second operand is a constant 2-D weight is a FlexiQ
+dense layer (input channels = the reduction axis, the last one; leading axes such as (batch, tokens)
+fold into GEMM rows). A matmul of two activations (attention's q @ k^T and attn @ v) has no weight to
+store in INT8 or to bit-extract; by policy (`ACT_MATMUL_POLICY = "float"`, our choice) it stays float32
+without a warning, as do LayerNorm, Softmax and GELU (METHOD section 1). They are listed in
+`find_layers(..., act_matmuls=[])` for reports.
 """
 from __future__ import annotations
 
@@ -15,6 +22,9 @@ from tvm import relax
 
 from ..quant.layer import LayerSpec
 from .graph import bindings, const_value, dtype_of, is_const, nonnegative_vars, op_name, static_shape, use_counts
+
+# matmuls of two activations: "float" (the only policy implemented) keeps them float32, quietly
+ACT_MATMUL_POLICY = "float"
 
 # ops of a kind FlexiQ could quantize but does not support: reported, left in float
 _UNSUPPORTED_MAC_OPS = ("relax.nn.conv1d", "relax.nn.conv3d", "relax.nn.conv1d_transpose",
@@ -57,8 +67,22 @@ def _bias_of(func, var, out_channels: int, op: str, uses, by_arg):
     return None, None
 
 
-def find_layers(func: relax.Function, warn: bool = True) -> List[FoundLayer]:
-    """Quantizable layers of `main`, in program order, with stable names (`conv2d_0`, `dense_7`, ...)."""
+def _leading_dim(expr) -> Optional[str]:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        dims = list(ty.shape.values)
+    except AttributeError:
+        return None
+    return str(dims[0]) if dims else None
+
+
+def find_layers(func: relax.Function, warn: bool = True, act_matmuls: Optional[list] = None) -> List[FoundLayer]:
+    """Quantizable layers of `main`, in program order, with stable names (`conv2d_0`, `dense_7`, ...).
+
+    `act_matmuls`, if a list, receives the binding vars of activation-by-activation matmuls (kept
+    float by `ACT_MATMUL_POLICY`)."""
     uses = use_counts(func)
     nonneg = nonnegative_vars(func)
     by_arg = {}
@@ -67,6 +91,7 @@ def find_layers(func: relax.Function, warn: bool = True) -> List[FoundLayer]:
             by_arg.setdefault(a, []).append(b)
     found: List[FoundLayer] = []
     index = 0
+    batch_dim = _leading_dim(func.params[0]) if len(func.params) else None
 
     def fallback(what, reason):
         if warn:
@@ -86,12 +111,19 @@ def find_layers(func: relax.Function, warn: bool = True) -> List[FoundLayer]:
             fallback(label, f"input dtype {dtype_of(x)} is not float32")
             continue
         if not is_const(w):
-            if name == "relax.nn.conv2d" or not is_const(x):
+            if name == "relax.nn.conv2d":
                 fallback(label, "the weight is not a constant")
+            elif not is_const(x) and act_matmuls is not None:
+                act_matmuls.append(b.var)      # activation x activation: float by policy, no warning
             continue
         in_shape, out_shape = static_shape(x), static_shape(b.var)
         if in_shape is None or out_shape is None:
             fallback(label, "only the batch axis may be dynamic")
+            continue
+        if batch_dim is not None and _leading_dim(x) != batch_dim:
+            # e.g. (batch * tokens, features) after a reshape: the per-sample shape is unknown here
+            fallback(label, f"its input's leading axis ({_leading_dim(x)}) is not the model's batch axis "
+                            f"({batch_dim})")
             continue
         weight = const_value(w).astype(np.float32)
         if name == "relax.nn.conv2d":

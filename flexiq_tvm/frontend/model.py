@@ -28,6 +28,7 @@ class FloatModel:
     input_name: str
     input_shape: Tuple[int, ...]          # per sample (no batch axis)
     layers: List[FoundLayer] = field(default_factory=list)
+    act_matmuls: List[str] = field(default_factory=list)   # activation x activation matmuls, kept float
 
     @property
     def specs(self) -> List[LayerSpec]:
@@ -62,8 +63,53 @@ class FloatModel:
         return np.ascontiguousarray(arr)
 
 
+_ELEMWISE_TIR = {"maximum": relax.op.maximum, "minimum": relax.op.minimum}
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+@relax.expr_functor.mutator
+class _ElementwiseTIRToOps(relax.PyExprMutator):
+    """`call_tir(maximum_k, (x, c))` -> `R.maximum(x, c)` (likewise minimum).
+
+    TVM's ONNX importer lowers Clip (ReLU6 in MobileNetV2) to TE PrimFuncs named `maximum*` /
+    `minimum*`. As Relax ops they keep `main` self-contained and let the sign analysis see that a
+    ReLU6 output is non-negative (unsigned [0, 255] INT8 activations, METHOD section 1)."""
+
+    def __init__(self, mod):
+        super().__init__(mod)
+        self.mod_ = mod
+
+    def visit_call_(self, call):
+        call = self.visit_expr_post_order(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(_CALL_TIR)):
+            return call
+        gv, args = call.args[0], call.args[1]
+        name = gv.name_hint.rstrip("0123456789_") if isinstance(gv, tvm.ir.GlobalVar) else None
+        if name not in _ELEMWISE_TIR or not isinstance(args, relax.Tuple) or len(args.fields) != 2:
+            return call
+        a, b = args.fields
+        if not (isinstance(a.ty, relax.TensorType) and isinstance(b.ty, relax.TensorType)):
+            return call
+        if a.ty.dtype != b.ty.dtype or str(a.ty.dtype) != str(call.ty.dtype):
+            return call
+        return _ELEMWISE_TIR[name](a, b)
+
+
+def _elementwise_tir_to_ops(mod: tvm.IRModule) -> tvm.IRModule:
+    if not any(isinstance(f, tvm.tirx.PrimFunc) for _, f in mod.functions_items()):
+        return mod
+    mut = _ElementwiseTIRToOps(mod)
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            mut.builder_.update_func(gv, mut.visit_expr(f))
+    out = mut.builder_.get()
+    return relax.transform.DeadCodeElimination(["main"])(out)
+
+
 def prepare(mod: tvm.IRModule) -> tvm.IRModule:
-    """Constant folding and BatchNorm folding, so that conv weights are final constants."""
+    """Constant folding and BatchNorm folding, so that conv weights are final constants; importer
+    PrimFuncs for element-wise max/min (ONNX Clip) turned back into Relax ops."""
+    mod = _elementwise_tir_to_ops(mod)
     seq = tvm.transform.Sequential([relax.transform.FoldConstant(), FoldBatchNorm,
                                     relax.transform.FoldConstant(), relax.transform.CanonicalizeBindings()])
     return seq(mod)
@@ -98,6 +144,12 @@ def _from_onnx(path: str):
 
 
 def _from_torch(module, example_inputs):
+    """torch.export (batch axis dynamic) + TVM's `tvm.relax.frontend.torch.from_exported_program`.
+
+    Weights become constants (`keep_params_as_input=False`) so that layer discovery sees them exactly
+    as after an ONNX import. The module is put in eval mode. A batch-1 example is repeated to 2 for
+    the export only: torch.export specializes a dynamic axis whose example size is 1.
+    """
     try:
         import torch
         from tvm.relax.frontend.torch import from_exported_program
@@ -107,12 +159,36 @@ def _from_torch(module, example_inputs):
         raise ModelError("load_model(torch_module, example_inputs): example_inputs is required to export the module")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    example_inputs = tuple(torch.as_tensor(np.asarray(t)) if not isinstance(t, torch.Tensor) else t
-                           for t in example_inputs)
+    if len(example_inputs) != 1:
+        raise ModelError(f"FlexiQ handles single-input models; got {len(example_inputs)} example inputs")
+
+    def as_tensor(t):
+        t = t if isinstance(t, torch.Tensor) else torch.as_tensor(np.asarray(t))
+        return t.float() if t.is_floating_point() else t
+
+    example = as_tensor(example_inputs[0]).detach()
+    if example.ndim < 2:
+        raise ModelError(f"torch example input of shape {tuple(example.shape)}: expected (batch, ...)")
+    if example.shape[0] == 1:
+        example = torch.cat([example, example])
     batch = torch.export.Dim("batch", min=1)
-    ep = torch.export.export(module.eval(), example_inputs,
-                             dynamic_shapes=({0: batch},) + ({},) * (len(example_inputs) - 1))
-    mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True)
+    module = module.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            ep = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+            # Core-ATen decomposition except aten.linear: a Linear on (batch, tokens, features) stays
+            # one 3-D matmul (decomposed, it is reshaped to (batch * tokens, features), which hides
+            # the batch axis). Skipping decomposition altogether is not an option in TVM 0.27: its
+            # converter reads aten.batch_norm's momentum as eps (and sets training=True).
+            table = torch.export.default_decompositions()
+            table.pop(torch.ops.aten.linear.default, None)
+            ep = ep.run_decompositions(table)
+            mod = from_exported_program(ep, keep_params_as_input=False, unwrap_unit_return_tuple=True,
+                                        run_ep_decomposition=False)
+    except Exception as e:
+        raise ModelError(f"torch module {type(module).__name__}: export/import failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
     return mod, type(module).__name__, "input"
 
 
@@ -146,11 +222,12 @@ def load_model(source, example_inputs=None, params=None, name: Optional[str] = N
     shape = static_shape(main.params[0])
     if shape is None:
         raise ModelError(f"{src}: the input must have a static shape apart from the batch axis")
-    layers = find_layers(main)
+    act_matmuls: list = []
+    layers = find_layers(main, act_matmuls=act_matmuls)
     if not layers:
         warnings.warn(f"{src}: no quantizable layer found (conv2d or dense with constant weights)")
     return FloatModel(mod=mod, name=name or default_name, source=src, input_name=input_name,
-                      input_shape=shape, layers=layers)
+                      input_shape=shape, layers=layers, act_matmuls=[str(v) for v in act_matmuls])
 
 
 def _bind_params(mod: tvm.IRModule, params) -> tvm.IRModule:

@@ -332,15 +332,6 @@ def gemm_tc_source(shp: GemmShape, layout: TCLayout, layer_index: int, num_layer
         w_ = f"({m}) % {shp.OW} * {shp.SW} + kw * {shp.DW}"
         return f"({m}) // {OHW}, {h}, {w_}, {k}"
 
-    def o_b(j):  # clamped output channel of this lane's B column in n-tile j
-        return f"T.min(by * {BN} + {j * 8} + lane // 4, {O - 1})"
-
-    def o_c(j, c):  # output channel of C register c of n-tile j
-        return f"by * {BN} + {j * 8} + lane % 4 * 2 + {c % 2}"
-
-    def m_c(c):
-        return f"bx * {BM} + ty * 16 + lane // 4 + {8 * (c // 2)}"
-
     tap = "0, 0" if shp.dense else "kh, kw"
 
     def lower4(v, sh):

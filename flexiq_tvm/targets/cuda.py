@@ -149,6 +149,17 @@ def _group_sizes(rank: np.ndarray) -> List[int]:
     return [int(v) for v in np.bincount(rank, minlength=int(rank.max()) + 1)]
 
 
+def check_group_sizes(rank: np.ndarray, layer: int = 0, allow_padded_groups: bool = False) -> None:
+    """Every group but a layer's last must fill whole INT4 K-tiles (64 channels)."""
+    bad = [s for s in _group_sizes(np.asarray(rank))[:-1] if s % cuda_sched.K4]
+    if bad and not allow_padded_groups:
+        raise FlexiQError(
+            f"cuda target: layer {layer} has 4-bit groups of {bad[0]} channels; the tensor-core kernels "
+            f"need group_size to be a multiple of {cuda_sched.K4} (re-quantize with "
+            f"fq.quantize(..., group_size={cuda_sched.K4}) or compile with allow_padded_groups=True, "
+            "which zero-pads every group to 64 channels: exact but slower)")
+
+
 @register_target("cuda")
 class CUDATarget(FlexiQTarget):
     name = "cuda"
@@ -190,14 +201,7 @@ class CUDATarget(FlexiQTarget):
             return None, "grouped / depthwise conv"
         if L.C < TC_MIN_CHANNELS:
             return None, f"{L.C} input channels"
-        sizes = _group_sizes(L.rank)
-        bad = [s for s in sizes[:-1] if s % cuda_sched.K4]
-        if bad and not self.allow_padded_groups:
-            raise FlexiQError(
-                f"cuda target: layer {L.layer} has 4-bit groups of {bad[0]} channels; the tensor-core kernels "
-                f"need group_size to be a multiple of {cuda_sched.K4} (re-quantize with "
-                f"fq.quantize(..., group_size={cuda_sched.K4}) or compile with allow_padded_groups=True, "
-                "which zero-pads every group to 64 channels: exact but slower)")
+        check_group_sizes(L.rank, L.layer, self.allow_padded_groups)
         lay = cuda_sched.tc_layout(L.rank)
         ex = np.zeros(lay.n_groups, np.int32)
         for g in range(lay.n_groups):
@@ -287,10 +291,3 @@ class CUDATarget(FlexiQTarget):
     def device(self):
         return tvm.cuda(0)
 
-
-def _calls(func: relax.Function):
-    for block in func.body.blocks:
-        for b in block.bindings:
-            v = b.value
-            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir":
-                yield v
