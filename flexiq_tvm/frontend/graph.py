@@ -36,14 +36,21 @@ def op_name(expr) -> Optional[str]:
     return None
 
 
-def static_shape(expr, skip_batch: bool = True) -> Optional[Tuple[int, ...]]:
-    """Per-sample static shape of a tensor expression (batch axis dropped), or None."""
+def tensor_dims(expr) -> Optional[list]:
+    """The shape entries (IntImm or symbolic) of a tensor expression, or None when unknown."""
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
         return None
     try:
-        dims = list(ty.shape.values)
+        return list(ty.shape.values)
     except AttributeError:
+        return None
+
+
+def static_shape(expr, skip_batch: bool = True) -> Optional[Tuple[int, ...]]:
+    """Per-sample static shape of a tensor expression (batch axis dropped), or None."""
+    dims = tensor_dims(expr)
+    if dims is None:
         return None
     dims = dims[1:] if skip_batch else dims
     out = []

@@ -21,7 +21,8 @@ import numpy as np
 from tvm import relax
 
 from ..quant.layer import LayerSpec
-from .graph import bindings, const_value, dtype_of, is_const, nonnegative_vars, op_name, static_shape, use_counts
+from .graph import (bindings, const_value, dtype_of, is_const, nonnegative_vars, op_name, static_shape, tensor_dims,
+                    use_counts)
 
 # matmuls of two activations: "float" (the only policy implemented) keeps them float32, quietly
 ACT_MATMUL_POLICY = "float"
@@ -68,13 +69,7 @@ def _bias_of(func, var, out_channels: int, op: str, uses, by_arg):
 
 
 def _leading_dim(expr) -> Optional[str]:
-    ty = expr.ty
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    try:
-        dims = list(ty.shape.values)
-    except AttributeError:
-        return None
+    dims = tensor_dims(expr)
     return str(dims[0]) if dims else None
 
 
