@@ -103,11 +103,13 @@ def _llvm(func, name):
 
 
 def run_emu(spec, plan, x, counts, int4_mma):
+    # keyed by the spec object itself (kept alive in the cache): an id() alone can be reused by a
+    # later spec once the first is garbage-collected, which handed one case another case's kernels
     key = (id(spec), int4_mma)
-    if key not in _BUILT:
+    if key not in _BUILT or _BUILT[key][3] is not spec:
         qf, gf, c = tc_kernels(spec, plan, x.shape, "emu", int4_mma)
-        _BUILT[key] = (_llvm(qf, "q"), _llvm(gf, "gemm"), c)
-    fq_, fg, c = _BUILT[key]
+        _BUILT[key] = (_llvm(qf, "q"), _llvm(gf, "gemm"), c, spec)
+    fq_, fg, c, _ = _BUILT[key]
     shp, lay = c["shp"], c["lay"]
     T = tvm.runtime.tensor
     xq = tvm.runtime.empty((shp.N, shp.Hp, shp.Wp, lay.Kc), "uint8" if plan.act_unsigned else "int8")
