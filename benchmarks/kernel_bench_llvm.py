@@ -146,7 +146,6 @@ def bench_tvm_fp32(shape, min_ms):
 
 
 def bench_ort(shape, min_ms, threads=2):
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

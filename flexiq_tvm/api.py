@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
-import numpy as np
 import tvm
 from tvm import relax
 
 from . import __version__
 from .calibrate import collect_stats
 from .data import load_data
-from .errors import ModelError
 from .frontend.model import FloatModel, load_model
 from .passes.flexiq_rewrite import flexiq_rewrite
 from .quant.build import build_plan

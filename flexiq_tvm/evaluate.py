@@ -6,7 +6,7 @@ time evaluator on a separate batch-1 build; accuracy runs at a larger batch for 
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import tvm

@@ -8,3 +8,8 @@ from .layer import LayerSpec
 from .plan import LayerPlan, Plan, PlanError, model_fingerprint
 from .reference import LayerReference, conv2d_int, dense_int
 from .schedule import STANDARD_LEVELS, check_ratio
+
+__all__ = ["bitlen", "four_bit_code", "lower", "rounding_shift", "shift_for_magnitude", "build_plan", "plan_layer",
+           "CALIBRATORS", "TensorStats", "clip_value", "dequant_scale", "quantize_activation", "quantize_weight",
+           "quantize_weight_with_scale", "LayerSpec", "LayerPlan", "Plan", "PlanError", "model_fingerprint",
+           "LayerReference", "conv2d_int", "dense_int", "STANDARD_LEVELS", "check_ratio"]

@@ -20,7 +20,6 @@ The program never contains a count of 4-bit groups: LDREG reads it from the `cou
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 from dataclasses import dataclass, field

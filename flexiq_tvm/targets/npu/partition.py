@@ -18,7 +18,6 @@ Everything else (residual adds, pooling, reshapes, softmax, ...) stays on the ho
 """
 from __future__ import annotations
 
-from typing import Dict
 
 import tvm
 from tvm import relax
