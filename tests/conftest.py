@@ -88,3 +88,39 @@ def graph():
 def demo_paths():
     return {k: os.path.join(ASSETS, f) for k, f in
             [("model", "fashion_cnn.onnx"), ("calib", "fashion_calib.npz"), ("test", "fashion_test.npz")]}
+
+
+# small graphs every target is checked on (input shape, builder steps)
+GRAPHS = {
+    "conv_stack": ((3, 12, 11), lambda g: (g.conv(3, 16, 3, 1, 1), g.relu(), g.conv(16, 24, 3, 2, 1), g.relu(),
+                                           g.conv(24, 32, 1, 1, 0), g.gap(), g.flatten(), g.gemm(32, 10))),
+    "depthwise": ((8, 10, 10), lambda g: (g.conv(8, 16, 1, 1, 0), g.relu(), g.conv(16, 16, 3, 1, 1, groups=16),
+                                          g.relu(), g.conv(16, 16, 3, 2, 0, groups=16), g.conv(16, 8, 1, 1, 0))),
+    "grouped_dilated": ((12, 9, 9), lambda g: (g.conv(12, 24, 3, 1, 2, dilation=2, groups=3), g.relu(),
+                                               g.conv(24, 24, 3, 2, 1, groups=4, bias=False), g.flatten(),
+                                               g.matmul(24 * 5 * 5, 20), g.relu(), g.gemm(20, 7))),
+}
+
+
+def counts_grid(plan, seed=0, n_random=2):
+    """Per-layer counts at ratios 0, 0.5, 1 plus `n_random` seeded random configurations."""
+    rng = np.random.default_rng(seed)
+    grid = [plan.counts_for_ratio(r) for r in (0.0, 0.5, 1.0)]
+    grid += [np.array([rng.integers(0, l.n_groups + 1) for l in plan.layers], np.int32) for _ in range(n_random)]
+    return grid
+
+
+def assert_taps_bit_exact(vm, refs, x, counts_list, extra_args=()):
+    """Runs a tap build (main returns (out, x_0, y_0, ...)) at each counts vector and checks every
+    layer's output bit for bit against its reference on the tapped input."""
+    import tvm
+
+    for counts in counts_list:
+        counts = np.asarray(counts, np.int32)
+        outs = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(counts), *extra_args)
+        for i, ref in enumerate(refs):
+            xin, yout = outs[1 + 2 * i].numpy(), outs[2 + 2 * i].numpy()
+            expect = ref.forward(xin, counts[i])
+            assert yout.dtype == expect.dtype
+            assert np.array_equal(yout, expect), (ref.spec.name, counts.tolist(),
+                                                  float(np.abs(yout - expect).max()))

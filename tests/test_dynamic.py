@@ -2,13 +2,13 @@
 import inspect
 
 import numpy as np
-import pytest
 import tvm
 
 import flexiq_tvm as fq
 from flexiq_tvm.api import compile_with_taps
 from flexiq_tvm.data import load_data
 from flexiq_tvm.quant import Plan
+from conftest import assert_taps_bit_exact, counts_grid
 from flexiq_tvm.quant.reference import LayerReference
 
 
@@ -23,24 +23,10 @@ def _quantize(model, calib, **kw):
     return plan
 
 
-def _counts_grid(plan, seed=0):
-    rng = np.random.default_rng(seed)
-    grid = [plan.counts_for_ratio(r) for r in (0.0, 0.5, 1.0)]
-    grid += [np.array([rng.integers(0, l.n_groups + 1) for l in plan.layers], np.int32) for _ in range(2)]
-    return grid
-
-
 def _check_layers_bit_exact(model, plan, x, counts_list, batch):
     vm = compile_with_taps(model, plan, batch_size=batch)
     refs = [LayerReference(s, p, dynamic=plan.dynamic) for s, p in zip(model.specs, plan.layers)]
-    for counts in counts_list:
-        counts = np.asarray(counts, np.int32)
-        outs = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(counts))
-        for i, ref in enumerate(refs):
-            xin, yout = outs[1 + 2 * i].numpy(), outs[2 + 2 * i].numpy()
-            expect = ref.forward(xin, counts[i])
-            assert np.array_equal(yout, expect), (ref.spec.name, counts.tolist(),
-                                                  float(np.abs(yout - expect).max()))
+    assert_taps_bit_exact(vm, refs, x, counts_list)
     return vm, refs
 
 
@@ -64,7 +50,7 @@ def test_dynamic_random_graph_bit_exact(tmp_path, graph):
     assert plan.dynamic
     # samples with very different ranges, so that per-sample shifts differ within the batch
     x = rng.standard_normal((3,) + shape).astype(np.float32) * np.float32([[[[2.0]]], [[[0.05]]], [[[0.5]]]])
-    grid = _counts_grid(plan, seed=4)
+    grid = counts_grid(plan, seed=4)
     vm, refs = _check_layers_bit_exact(model, plan, x, grid, batch=3)
     # the dynamic build really is dynamic: it differs from the static reference somewhere
     counts = plan.counts_for_ratio(1.0)

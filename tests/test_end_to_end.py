@@ -10,39 +10,12 @@ import flexiq_tvm as fq
 from flexiq_tvm.api import compile_with_taps
 from flexiq_tvm.data import load_data
 from flexiq_tvm.quant.reference import LayerReference
+from conftest import GRAPHS, assert_taps_bit_exact, counts_grid
 
 
 def _check_layers_bit_exact(model, plan, x, counts_list, batch):
     vm = compile_with_taps(model, plan, batch_size=batch)
-    refs = [LayerReference(s, p) for s, p in zip(model.specs, plan.layers)]
-    for counts in counts_list:
-        counts = np.asarray(counts, np.int32)
-        outs = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(counts))
-        for i, ref in enumerate(refs):
-            xin, yout = outs[1 + 2 * i].numpy(), outs[2 + 2 * i].numpy()
-            expect = ref.forward(xin, counts[i])
-            assert yout.dtype == expect.dtype
-            assert np.array_equal(yout, expect), (ref.spec.name, counts.tolist(),
-                                                  float(np.abs(yout - expect).max()))
-
-
-def _counts_grid(plan, seed=0):
-    rng = np.random.default_rng(seed)
-    grid = [plan.counts_for_ratio(r) for r in (0.0, 0.5, 1.0)]
-    grid += [np.array([rng.integers(0, l.n_groups + 1) for l in plan.layers], np.int32) for _ in range(2)]
-    return grid
-
-
-GRAPHS = {
-    # name: (input shape, builder steps)
-    "conv_stack": ((3, 12, 11), lambda g: (g.conv(3, 16, 3, 1, 1), g.relu(), g.conv(16, 24, 3, 2, 1), g.relu(),
-                                           g.conv(24, 32, 1, 1, 0), g.gap(), g.flatten(), g.gemm(32, 10))),
-    "depthwise": ((8, 10, 10), lambda g: (g.conv(8, 16, 1, 1, 0), g.relu(), g.conv(16, 16, 3, 1, 1, groups=16),
-                                          g.relu(), g.conv(16, 16, 3, 2, 0, groups=16), g.conv(16, 8, 1, 1, 0))),
-    "grouped_dilated": ((12, 9, 9), lambda g: (g.conv(12, 24, 3, 1, 2, dilation=2, groups=3), g.relu(),
-                                               g.conv(24, 24, 3, 2, 1, groups=4, bias=False), g.flatten(),
-                                               g.matmul(24 * 5 * 5, 20), g.relu(), g.gemm(20, 7))),
-}
+    assert_taps_bit_exact(vm, [LayerReference(s, p) for s, p in zip(model.specs, plan.layers)], x, counts_list)
 
 
 @pytest.mark.parametrize("name", sorted(GRAPHS))
@@ -58,7 +31,7 @@ def test_random_graphs_bit_exact(tmp_path, graph, name, group_size):
     plan = fq.quantize(model, calib, group_size=group_size, calibrator="percentile", search="range", recover=False,
                        progress=False)
     x = rng.standard_normal((3,) + shape).astype(np.float32) * 1.5   # beyond the calibrated range too
-    _check_layers_bit_exact(model, plan, x, _counts_grid(plan), batch=3)
+    _check_layers_bit_exact(model, plan, x, counts_grid(plan), batch=3)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +44,7 @@ def demo(demo_paths):
 
 def test_demo_model_layers_bit_exact(demo):
     model, plan, x, _ = demo
-    _check_layers_bit_exact(model, plan, x[:8], _counts_grid(plan, seed=3), batch=8)
+    _check_layers_bit_exact(model, plan, x[:8], counts_grid(plan, seed=3), batch=8)
 
 
 def test_set_ratio_round_trip_and_counts(demo):
@@ -170,14 +143,14 @@ def test_whole_model_against_numpy_reference(demo, demo_paths, graph, tmp_path):
     plan = fq.quantize(model, calib, group_size=8, search="range", recover=False, progress=False)
     ref = build_onnx_reference(path, model, plan)
     cm = fq.compile(model, plan, batch_size=4)
-    for counts in _counts_grid(plan, seed=5):
+    for counts in counts_grid(plan, seed=5):
         cm.set_counts(counts)
         assert np.array_equal(cm(calib[:4]), ref(calib[:4], counts)), counts
 
     model, plan, x, _ = demo
     ref = build_onnx_reference(demo_paths["model"], model, plan)
     cm = fq.compile(model, plan, batch_size=16)
-    for counts in _counts_grid(plan, seed=6)[:4]:
+    for counts in counts_grid(plan, seed=6)[:4]:
         cm.set_counts(counts)
         y, r = cm(x[:16]), ref(x[:16], counts)
         assert np.mean(y.argmax(1) == r.argmax(1)) >= 15 / 16

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import flexiq_tvm as fq
 from flexiq_tvm.frontend.layers import FloatFallbackWarning

@@ -17,10 +17,10 @@ import pytest
 import tvm
 
 import flexiq_tvm as fq
-from flexiq_tvm.api import compile_with_taps
 from flexiq_tvm.data import load_data
 from flexiq_tvm.quant.reference import LayerReference
 from flexiq_tvm.targets.npu import NPUConfig, NPUConfigError
+from conftest import GRAPHS, assert_taps_bit_exact, counts_grid
 
 # a tiny NPU: 8x8 array, 2 KiB SRAMs (1 KiB banks) -> K chunks, several o-blocks, reloads
 TINY = {"rows": 8, "cols": 8, "ibuf_bytes": 2048, "wbuf_bytes": 2048, "obuf_bytes": 2048,
@@ -36,28 +36,15 @@ def _quantize(model, calib, **kw):
     return fq.quantize(model, calib, progress=False, **kw)
 
 
-def _counts_grid(plan, seed=0, n_random=2):
-    rng = np.random.default_rng(seed)
-    grid = [plan.counts_for_ratio(r) for r in (0.0, 0.5, 1.0)]
-    grid += [np.array([rng.integers(0, l.n_groups + 1) for l in plan.layers], np.int32) for _ in range(n_random)]
-    return grid
-
-
 def _npu_taps(model, plan, batch, npu_config=None):
     """compile_with_taps for the npu target with a chosen configuration."""
-    from flexiq_tvm.frontend.graph import bindings
-    from flexiq_tvm.passes.flexiq_rewrite import LAYER_FUNC_PREFIX, flexiq_rewrite
-    from flexiq_tvm.passes.tap_outputs import TapOutputs
+    from flexiq_tvm.passes.flexiq_rewrite import flexiq_rewrite
+    from flexiq_tvm.passes.tap_outputs import TapOutputs, flexiq_layer_taps
     from flexiq_tvm.targets import get_target
     from tvm import relax
 
     mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch))
-    taps = {}
-    for b in bindings(mod["main"]):
-        v = b.value
-        if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.GlobalVar) and \
-                v.op.name_hint.startswith(LAYER_FUNC_PREFIX):
-            taps[int(v.op.name_hint[len(LAYER_FUNC_PREFIX):])] = (v.args[0], b.var)
+    taps = flexiq_layer_taps(mod["main"])
     flat = [e for i in sorted(taps) for e in taps[i]]
     tgt = get_target("npu", npu_config=npu_config)
     ex = tgt.build(TapOutputs(flat)(mod))
@@ -68,26 +55,7 @@ def _check_taps(model, plan, x, counts_list, npu_config=None):
     vm, tgt = _npu_taps(model, plan, x.shape[0], npu_config)
     on_npu = {L.layer for P in tgt.programs.values() for L in P.layers}
     assert on_npu == set(range(plan.num_layers)), on_npu          # every layer offloaded
-    refs = [LayerReference(s, p) for s, p in zip(model.specs, plan.layers)]
-    for counts in counts_list:
-        counts = np.asarray(counts, np.int32)
-        outs = vm["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(counts))
-        for i, ref in enumerate(refs):
-            xin, yout = outs[1 + 2 * i].numpy(), outs[2 + 2 * i].numpy()
-            expect = ref.forward(xin, counts[i])
-            assert np.array_equal(yout, expect), (ref.spec.name, counts.tolist(),
-                                                  float(np.abs(yout - expect).max()))
-
-
-GRAPHS = {
-    "conv_stack": ((3, 12, 11), lambda g: (g.conv(3, 16, 3, 1, 1), g.relu(), g.conv(16, 24, 3, 2, 1), g.relu(),
-                                           g.conv(24, 32, 1, 1, 0), g.gap(), g.flatten(), g.gemm(32, 10))),
-    "depthwise": ((8, 10, 10), lambda g: (g.conv(8, 16, 1, 1, 0), g.relu(), g.conv(16, 16, 3, 1, 1, groups=16),
-                                          g.relu(), g.conv(16, 16, 3, 2, 0, groups=16), g.conv(16, 8, 1, 1, 0))),
-    "grouped_dilated": ((12, 9, 9), lambda g: (g.conv(12, 24, 3, 1, 2, dilation=2, groups=3), g.relu(),
-                                               g.conv(24, 24, 3, 2, 1, groups=4, bias=False), g.flatten(),
-                                               g.matmul(24 * 5 * 5, 20), g.relu(), g.gemm(20, 7))),
-}
+    assert_taps_bit_exact(vm, [LayerReference(s, p) for s, p in zip(model.specs, plan.layers)], x, counts_list)
 
 
 def _graph_model(tmp_path, graph, name, group_size, seed=None):
@@ -108,7 +76,7 @@ def _graph_model(tmp_path, graph, name, group_size, seed=None):
 ])
 def test_random_graphs_layers_bit_exact(tmp_path, graph, name, group_size, cfg):
     model, plan, x = _graph_model(tmp_path, graph, name, group_size)
-    _check_taps(model, plan, x, _counts_grid(plan), cfg)
+    _check_taps(model, plan, x, counts_grid(plan), cfg)
 
 
 @pytest.mark.parametrize("name,cfg", [("conv_stack", TINY), ("depthwise", None), ("grouped_dilated", None)])
@@ -117,7 +85,7 @@ def test_random_graphs_whole_model_matches_llvm(tmp_path, graph, name, cfg):
     model, plan, x = _graph_model(tmp_path, graph, name, 8)
     cm = fq.compile(model, plan, target="npu", batch_size=2, npu_config=cfg)
     ref = fq.compile(model, plan, target="llvm", batch_size=2)
-    for counts in _counts_grid(plan, seed=2):
+    for counts in counts_grid(plan, seed=2):
         cm.set_counts(counts)
         ref.set_counts(counts)
         assert np.array_equal(cm(x), ref(x)), counts.tolist()
@@ -142,7 +110,7 @@ def demo_npu(demo):
 
 def test_demo_layers_bit_exact(demo):
     model, plan, x = demo
-    _check_taps(model, plan, x[:2], _counts_grid(plan, seed=3))
+    _check_taps(model, plan, x[:2], counts_grid(plan, seed=3))
 
 
 def test_demo_whole_model_ratios(demo, demo_npu):
