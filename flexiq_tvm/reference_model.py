@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ModelError
 from .quant.plan import Plan
-from .quant.reference import LayerReference
+from .quant.reference import reference_layers
 
 
 def _const_names(graph):
@@ -35,8 +35,7 @@ def build_onnx_reference(path, model, plan: Plan):
     consts = _const_names(proto.graph)
     if plan.bias_correction:
         raise ModelError("the ONNX reference runs plans without bias correction (quantize with recover=False)")
-    refs = [LayerReference(s, p, dynamic=bool(getattr(plan, "dynamic", False)))
-            for s, p in zip(model.specs, plan.layers)]
+    refs = reference_layers(model.specs, plan)
     state = {"counts": np.zeros(len(refs), np.int32)}
 
     class FlexiQLayer(OpRun):

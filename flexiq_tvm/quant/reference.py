@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .bitextract import four_bit_code, shift_for_magnitude
-from .int8 import activation_qrange, dequant_scale, quantize_activation, quantize_weight_with_scale
+from .int8 import dequant_scale, quantize_activation, quantize_weight_with_scale
 from .layer import LayerSpec
 from .plan import LayerPlan, Plan
 
@@ -149,9 +149,3 @@ class LayerReference:
 def reference_layers(specs: Sequence[LayerSpec], plan: Plan):
     dynamic = bool(getattr(plan, "dynamic", False))
     return [LayerReference(s, p, dynamic=dynamic) for s, p in zip(specs, plan.layers)]
-
-
-def int8_range_check(q, unsigned: bool) -> bool:
-    lo, hi = activation_qrange(unsigned)
-    q = np.asarray(q)
-    return bool(q.min() >= lo and q.max() <= hi)

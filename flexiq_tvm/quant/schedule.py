@@ -14,14 +14,6 @@ import numpy as np
 STANDARD_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def group_macs(channels: int, group_size: int, macs_per_channel: int) -> np.ndarray:
-    """MACs per sample of each lowering group of one layer (the last group may be partial)."""
-    n = -(-channels // group_size)
-    sizes = np.full(n, group_size, dtype=np.int64)
-    sizes[-1] = channels - group_size * (n - 1)
-    return sizes * int(macs_per_channel)
-
-
 def proportional_schedule(groups_per_layer: Sequence[int]) -> List[int]:
     """Lower every layer at the same pace: step j of layer l happens at fraction (j+1)/n_l.
 
