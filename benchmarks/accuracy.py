@@ -12,8 +12,8 @@ Models:
                 from the calibration photos
 
 Calibration: the shipped 512-image Fashion-MNIST calibration set; 56 photo crops for MobileNetV2.
-Search per model: `--search model=name` (default: sensitivity for the Fashion models, range for
-MobileNetV2, whose untuned FP32/INT8 evaluations on this CPU make the searches slow).
+Search per model: `--search model=name` (default: the default pipeline, evolutionary search with
+per-ratio bias correction, for every model; about 10 minutes for MobileNetV2 on 2 cores).
 Latency is not measured here (see benchmarks/cpu_latency.py); this is the accuracy table.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ import flexiq_tvm as fq  # noqa: E402
 from flexiq_tvm.cli import asset  # noqa: E402
 
 RATIOS = [0.0, 0.25, 0.5, 0.75, 1.0]
-DEFAULT_SEARCH = {"fashion_cnn": "sensitivity", "fashion_vit": "sensitivity", "mobilenet_v2": "range"}
+DEFAULT_SEARCH = {"fashion_cnn": "evolutionary", "fashion_vit": "evolutionary", "mobilenet_v2": "evolutionary"}
 
 
 def run_fashion(name: str, search: str, test_n: int, seed: int) -> dict:
@@ -65,12 +65,7 @@ def run_mobilenet(search: str, seed: int, work_dir: str) -> dict:
                               frontend="onnx")
     model, _, calib_dir, eval_dir = mn.prepare(Path(work_dir), opts)
     t = time.perf_counter()
-    kw = {"search_samples": 16} if search != "range" else {}
-    import inspect
-
-    if "recover" in inspect.signature(fq.quantize).parameters:
-        kw["recover"] = False                 # bias correction costs ~4 x 53 full-model runs on this CPU
-    plan = fq.quantize(model, ImageFolder(str(calib_dir)), search=search, seed=seed, progress=False, **kw)
+    plan = fq.quantize(model, ImageFolder(str(calib_dir)), search=search, seed=seed, progress=False)
     q_s = time.perf_counter() - t
     x_eval, _ = ImageFolder(str(eval_dir)).load(model)
     rep = mn.run_agreement(model, plan, x_eval, RATIOS, batch=8, latency=False, progress=False)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tvm
 from tvm import relax
@@ -30,7 +30,7 @@ def _as_plan(plan) -> Plan:
 
 def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size: int = 16,
              calibrator: str = "percentile", search: str = "evolutionary", seed: int = 0, batch_size: int = 32,
-             percentile: float = 99.99, shift_rule: str = "mse", search_samples: int = 512,
+             percentile: float = 99.99, shift_rule: str = "mse", search_samples: Optional[int] = None,
              metric: str = "kl", population: int = 16, generations: int = 20, patience: int = 5,
              curve_points: int = 8, recover: bool = True, progress: bool = True) -> Plan:
     """Calibrate `model` on `calib` and build its FlexiQ plan (scales, orders, shifts, ratio levels).
@@ -40,15 +40,22 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
     model output after every step; "evolutionary" (default) evolves each level's 4-bit group sets,
     nested level by level, seeded by range and greedy (by sensitivity above 256 groups, where
     greedy's one evaluation per group gets expensive). All are seeded and deterministic.
+    search_samples: calibration inputs each candidate is scored on (and bias correction measures);
+    default: as many as fit in SEARCH_MACS_PER_EVALUATION, between 16 and 512 (512 for the demo
+    models, 16 for MobileNetV2, whose five-ratio search then fits in about ten minutes on 2 cores).
     recover: per-ratio bias correction after the search (see `recovery.py`).
     """
     from tqdm.auto import tqdm
 
-    from .search import SEARCHES, run_search
+    from .search import SEARCHES, default_search_samples, run_search
 
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     model = _as_model(model)
+    if search_samples is None:
+        search_samples = default_search_samples(model.specs)
+    elif int(search_samples) < 1:
+        raise ValueError(f"search_samples must be >= 1, got {search_samples}")
     inputs, _ = load_data(calib, model, what="calibration data")
     t0 = time.perf_counter()
     stats = collect_stats(model, inputs, batch_size=batch_size, seed=seed, progress=progress)

@@ -60,7 +60,7 @@ def cmd_quantize(args):
     plan = fq.quantize(model, _data_source(args.calib, args), ratios=args.ratios, group_size=args.group_size,
                        calibrator=args.calibrator, search=args.search, seed=args.seed, metric=args.metric,
                        population=args.population, generations=args.generations, recover=args.recover,
-                       percentile=args.percentile, progress=not args.quiet)
+                       percentile=args.percentile, search_samples=args.search_samples, progress=not args.quiet)
     plan.save(args.output)
     share = {r: round(float(plan.mac_share[p]), 3) for r, p in plan.levels.items()}
     print(f"wrote {args.output}: {plan.num_layers} FlexiQ layers, group size {plan.group_size}, "
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--metric", choices=["mse", "kl"], default="kl", help="search fitness vs the INT8 output")
     q.add_argument("--population", type=int, default=16)
     q.add_argument("--generations", type=int, default=20)
+    q.add_argument("--search-samples", type=int, help="calibration inputs each search candidate is scored on "
+                   "(default: 512, fewer for large models: 16 for MobileNetV2)")
     q.add_argument("--no-recover", dest="recover", action="store_false",
                    help="skip the per-ratio bias correction after the search")
     quant_opts(q)

@@ -19,6 +19,23 @@ SEARCHES = ("range", "sensitivity", "greedy", "evolutionary")
 # above this many groups in all, the evolutionary search is seeded with the sensitivity ordering
 # instead of the greedy one (greedy costs at least one model evaluation per group)
 GREEDY_SEED_MAX_GROUPS = 256
+# above that size greedy lowers runs of groups worth this share of the MACs per step (see greedy_schedule)
+GREEDY_LARGE_STEP_SHARE = 0.01
+
+
+# model MACs one candidate evaluation may cost (samples x MACs per sample), for the default sample count
+SEARCH_MACS_PER_EVALUATION = 5e9
+MIN_SEARCH_SAMPLES, MAX_SEARCH_SAMPLES = 16, 512
+
+
+def default_search_samples(specs) -> int:
+    """Deterministic in the model (a timing-based rule would make plans machine-dependent)."""
+    macs = sum(s.macs_per_channel * s.in_channels for s in specs) or 1
+    return int(np.clip(SEARCH_MACS_PER_EVALUATION // macs, MIN_SEARCH_SAMPLES, MAX_SEARCH_SAMPLES))
+
+
+def greedy_step_share(plan: Plan) -> float:
+    return 0.0 if sum(l.n_groups for l in plan.layers) <= GREEDY_SEED_MAX_GROUPS else GREEDY_LARGE_STEP_SHARE
 
 
 def _set_schedule(plan: Plan, schedule):
@@ -55,7 +72,9 @@ def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0
         pass
     elif search == "greedy":
         _set_schedule(plan, greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy",
-                                                                                 disable=not progress, leave=False)))
+                                                                                 disable=not progress, leave=False),
+                                            step_share=greedy_step_share(plan)))
+        plan.meta["greedy_step_share"] = greedy_step_share(plan)
     else:
         range_schedule = list(plan.schedule)
         if sum(l.n_groups for l in plan.layers) <= GREEDY_SEED_MAX_GROUPS:

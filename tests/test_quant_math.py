@@ -279,3 +279,31 @@ def test_build_plan_is_deterministic():
     rng = np.random.default_rng(4)
     specs, stats = _two_layer_plan(rng)
     assert build_plan(specs, stats, seed=1).dumps() == build_plan(specs, stats, seed=1).dumps()
+
+
+def test_greedy_steps_of_a_mac_share_cover_every_group_with_fewer_evaluations():
+    from flexiq_tvm.quant.search import greedy_schedule
+
+    rng = np.random.default_rng(0)
+    macs = [rng.integers(1, 50, size=n).astype(np.float64) for n in (40, 25, 60, 3)]
+    weight = np.array([4.0, 1.0, 2.0, 8.0])
+
+    def run(step_share):
+        calls = []
+
+        def evaluate(counts):          # error grows with the MACs lowered, per layer at its own rate
+            calls.append(1)
+            return float(sum(w * m[:k].sum() ** 1.5 for w, m, k in zip(weight, macs, counts)))
+        return greedy_schedule(macs, evaluate, step_share=step_share), len(calls)
+
+    fine, n_fine = run(0.0)
+    coarse, n_coarse = run(0.05)
+    for sched in (fine, coarse):
+        assert np.bincount(sched, minlength=4).tolist() == [len(m) for m in macs]
+    assert n_coarse < n_fine / 3
+    # a step is the shortest run of a layer's next groups that reaches the share (or its last groups)
+    from flexiq_tvm.quant.search import _chunk
+    m = np.array([1.0, 1.0, 5.0, 1.0, 1.0])
+    assert [_chunk(m, 0, 2.0), _chunk(m, 1, 2.0), _chunk(m, 3, 10.0), _chunk(m, 0, 0.0)] == [2, 2, 2, 1]
+    # the cheapest layer (weight 1) is lowered first in both
+    assert fine[0] == 1 and coarse[0] == 1

@@ -107,3 +107,19 @@ def test_schedule_helpers():
     assert perms == [[2, 0, 1], [1, 0]] and prefixes == [1, 3] and len(schedule) == 5
     with pytest.raises(ValueError, match="nested"):
         schedule_from_levels([[frozenset({1}), frozenset()], [frozenset({2}), frozenset()]], [3, 2])
+
+
+def test_default_search_samples_follow_model_size(small_model):
+    from flexiq_tvm.quant import LayerSpec
+    from flexiq_tvm.search import default_search_samples
+
+    model, calib = small_model
+    assert default_search_samples(model.specs) == 512                     # small model: the cap
+    big = LayerSpec("pw", "conv2d", np.zeros((96, 64, 1, 1), np.float32), None, (64, 56, 56), (96, 56, 56))
+    assert 16 < 5e9 // big.macs < 512
+    assert default_search_samples([big]) == int(5e9 // big.macs)          # about 5 GMAC per candidate
+    assert default_search_samples([big] * 40) == 16                       # MobileNetV2-sized: the floor
+    plan = fq.quantize(model, calib, group_size=8, search="range", recover=False, progress=False)
+    assert plan.meta["search_samples"] == min(512, calib.shape[0])
+    with pytest.raises(ValueError, match="search_samples"):
+        fq.quantize(model, calib, search_samples=0, progress=False)

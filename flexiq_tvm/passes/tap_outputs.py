@@ -11,13 +11,24 @@ from tvm import relax
 
 
 def tap_function(func: relax.Function, taps: Sequence[relax.Expr]) -> relax.Function:
+    """Taps may be variables of `func` or calls on them (for example a reduction of a layer's
+    output): calls get their own bindings before the returned tuple."""
     blocks = list(func.body.blocks)
-    fields = [func.body.body] + list(taps)
+    last = blocks[-1]
+    dataflow = isinstance(last, relax.DataflowBlock)
+    bb = relax.BlockBuilder()
+    extra, fields = [], [func.body.body]
+    for i, t in enumerate(taps):
+        if isinstance(t, relax.Call):
+            t = bb.normalize(t)
+            v = (relax.DataflowVar if dataflow else relax.Var)(f"flexiq_tap_{i}", t.ty)
+            extra.append(relax.VarBinding(v, t))
+            t = v
+        fields.append(t)
     out = relax.Var("flexiq_taps", relax.TupleType([f.ty for f in fields]))
     binding = relax.VarBinding(out, relax.Tuple(fields))
-    last = blocks[-1]
-    cls = relax.DataflowBlock if isinstance(last, relax.DataflowBlock) else relax.BindingBlock
-    blocks[-1] = cls(list(last.bindings) + [binding])
+    cls = relax.DataflowBlock if dataflow else relax.BindingBlock
+    blocks[-1] = cls(list(last.bindings) + extra + [binding])
     return relax.Function(func.params, relax.SeqExpr(blocks, out), out.ty, func.is_pure, func.attrs)
 
 

@@ -73,10 +73,25 @@ def sensitivity_schedule(curves: Sequence[np.ndarray], group_macs: Sequence[np.n
 # ---------------------------------------------------------------------------------------------
 # greedy: re-measured after every step
 # ---------------------------------------------------------------------------------------------
+def _chunk(macs: np.ndarray, start: int, min_macs: float) -> int:
+    """Groups of one layer from `start` whose MACs first reach `min_macs` (at least one group)."""
+    acc, j = 0.0, start
+    while j < len(macs):
+        acc += float(macs[j])
+        j += 1
+        if acc >= min_macs:
+            break
+    return j - start
+
+
 def greedy_schedule(group_macs: Sequence[np.ndarray], evaluate: Callable[[np.ndarray], float],
-                    progress=None) -> List[int]:
-    """Lower, one group at a time, the next group (in its layer's range order) whose lowering adds
+                    progress=None, step_share: float = 0.0) -> List[int]:
+    """Lower, one step at a time, the next groups (in their layer's range order) whose lowering adds
     the least output error per MAC, measured at the model output after every step.
+
+    A step is one group, or with `step_share` > 0 the run of next groups of a layer that reaches
+    that share of the model's MACs: on MobileNetV2 (1,068 groups of 16) one group per step costs
+    thousands of model evaluations; 1 % steps cost about a hundred rounds.
 
     Lazy evaluation: a candidate's last measured cost is a bound used to skip re-measuring layers
     that cannot win this step (errors grow as more is lowered, so stale costs are optimistic only
@@ -85,33 +100,34 @@ def greedy_schedule(group_macs: Sequence[np.ndarray], evaluate: Callable[[np.nda
     L = len(group_macs)
     counts = np.zeros(L, dtype=np.int32)
     n = [len(g) for g in group_macs]
+    min_macs = float(step_share) * float(sum(float(np.sum(g)) for g in group_macs))
     current = float(evaluate(counts))
     stale = {}
     schedule: List[int] = []
     total = sum(n)
     bar = progress(total) if progress is not None else None
     while len(schedule) < total:
-        fresh = {}
         order = sorted((l for l in range(L) if counts[l] < n[l]), key=lambda l: (stale.get(l, -np.inf), l))
         best = None
         for l in order:
             if best is not None and l in stale and stale[l] >= best[0]:
                 continue
+            step = _chunk(group_macs[l], int(counts[l]), min_macs)
             c = counts.copy()
-            c[l] += 1
+            c[l] += step
             err = float(evaluate(c))
-            cost = max(err - current, 0.0) / max(float(group_macs[l][counts[l]]), 1.0)
-            fresh[l] = cost
+            moved = float(np.sum(group_macs[l][counts[l]:counts[l] + step]))
+            cost = max(err - current, 0.0) / max(moved, 1.0)
             stale[l] = cost
             if best is None or (cost, l) < (best[0], best[1]):
-                best = (cost, l, err)
-        _, l, err = best
-        counts[l] += 1
-        schedule.append(l)
+                best = (cost, l, err, step)
+        _, l, err, step = best
+        counts[l] += step
+        schedule.extend([l] * step)
         current = err
         stale.pop(l, None)
         if bar is not None:
-            bar.update(1)
+            bar.update(step)
     if bar is not None:
         bar.close()
     return schedule
