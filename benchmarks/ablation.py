@@ -155,6 +155,18 @@ def full_fashion_test():
     return None, None
 
 
+def demo_model_and_data(subset: bool = False):
+    """(demo CNN, its 512 calibration inputs, test inputs, labels): the full test split when
+    installed, else (or with `subset`) the shipped 2,000 images."""
+    assets = REPO / "flexiq_tvm" / "assets"
+    model = fq.load_model(str(assets / "fashion_cnn.onnx"))
+    calib, _ = load_data(str(assets / "fashion_calib.npz"), model)
+    x, labels = full_fashion_test() if not subset else (None, None)
+    if x is None:
+        x, labels = load_data(str(assets / "fashion_test.npz"), model)
+    return model, calib, x, labels
+
+
 def mobilenet_rows(args):
     """The same rows on ImageNet MobileNetV2: 56 calibration crops from 7 photos, 112 evaluation
     crops from 14 others, agreement with FP32 (there are no ImageNet labels here)."""
@@ -197,12 +209,7 @@ def main(argv=None):
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2, default=str))
         return
-    assets = REPO / "flexiq_tvm" / "assets"
-    model = fq.load_model(str(assets / "fashion_cnn.onnx"))
-    calib, _ = load_data(str(assets / "fashion_calib.npz"), model)
-    x, labels = full_fashion_test() if not args.subset else (None, None)
-    if x is None:
-        x, labels = load_data(str(assets / "fashion_test.npz"), model)
+    model, calib, x, labels = demo_model_and_data(args.subset)
     gs, samples = args.group_size or 8, args.samples or 512
     print(f"demo CNN (Fashion-MNIST, {len(x)} test images, group size {gs})", flush=True)
     res, times = ablate(model, calib, x, labels, group_size=gs, seed=args.seed, samples=samples,

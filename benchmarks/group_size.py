@@ -26,7 +26,6 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import flexiq_tvm as fq  # noqa: E402
-from flexiq_tvm.data import load_data  # noqa: E402
 from flexiq_tvm.quant.reference import reference_layers  # noqa: E402
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -48,7 +47,7 @@ def weight_lowering_error(model, plan) -> float:
 
 
 def main(argv=None):
-    from ablation import full_fashion_test
+    from ablation import demo_model_and_data
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1,8,16,32,64")
@@ -56,12 +55,7 @@ def main(argv=None):
     ap.add_argument("--subset", action="store_true", help="the shipped 2,000 test images even if the full split is installed")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    assets = REPO / "flexiq_tvm" / "assets"
-    model = fq.load_model(str(assets / "fashion_cnn.onnx"))
-    calib, _ = load_data(str(assets / "fashion_calib.npz"), model)
-    x, labels = full_fashion_test() if not args.subset else (None, None)
-    if x is None:
-        x, labels = load_data(str(assets / "fashion_test.npz"), model)
+    model, calib, x, labels = demo_model_and_data(args.subset)
     rows = {}
     for gs in [int(v) for v in args.sizes.split(",")]:
         t = time.perf_counter()
