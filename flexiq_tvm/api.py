@@ -42,7 +42,7 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
     greedy's one evaluation per group gets expensive). All are seeded and deterministic.
     search_samples: calibration inputs each candidate is scored on (and bias correction measures);
     default: as many as fit in SEARCH_MACS_PER_EVALUATION, between 16 and 512 (512 for the demo
-    models, 16 for MobileNetV2, whose five-ratio search then fits in about ten minutes on 2 cores).
+    models, 16 for MobileNetV2, whose whole default pipeline then took 7 minutes on 2 cores).
     recover: per-ratio bias correction after the search (see `recovery.py`).
     """
     from tqdm.auto import tqdm

@@ -30,7 +30,7 @@ MIN_SEARCH_SAMPLES, MAX_SEARCH_SAMPLES = 16, 512
 
 def default_search_samples(specs) -> int:
     """Deterministic in the model (a timing-based rule would make plans machine-dependent)."""
-    macs = sum(s.macs_per_channel * s.in_channels for s in specs) or 1
+    macs = sum(s.macs for s in specs) or 1
     return int(np.clip(SEARCH_MACS_PER_EVALUATION // macs, MIN_SEARCH_SAMPLES, MAX_SEARCH_SAMPLES))
 
 
