@@ -189,11 +189,9 @@ def agreement(ref: np.ndarray, y: np.ndarray) -> dict:
     classes: FP32's top-1 there has a probability near 0.1 and a margin of a few hundredths over
     the runner-up, so any perturbation flips it. Agreement is therefore also reported on the crops
     FP32 classifies with probability >= CONFIDENT (`agree_confident`, over `confident_crops`)."""
-    from flexiq_tvm.evaluate import kl_divergence
+    from flexiq_tvm.evaluate import _softmax, kl_divergence
 
-    z = ref - ref.max(1, keepdims=True)
-    p1 = (np.exp(z) / np.exp(z).sum(1, keepdims=True)).max(1)
-    sure = p1 >= CONFIDENT
+    sure = _softmax(ref.astype(np.float64)).max(1) >= CONFIDENT
 
     top5_r = np.argsort(-ref, axis=1)[:, :5]
     top5_y = np.argsort(-y, axis=1)[:, :5]

@@ -34,8 +34,13 @@ def default_search_samples(specs) -> int:
     return int(np.clip(SEARCH_MACS_PER_EVALUATION // macs, MIN_SEARCH_SAMPLES, MAX_SEARCH_SAMPLES))
 
 
+def _many_groups(plan: Plan) -> bool:
+    """Above GREEDY_SEED_MAX_GROUPS one model evaluation per group gets expensive."""
+    return sum(l.n_groups for l in plan.layers) > GREEDY_SEED_MAX_GROUPS
+
+
 def greedy_step_share(plan: Plan) -> float:
-    return 0.0 if sum(l.n_groups for l in plan.layers) <= GREEDY_SEED_MAX_GROUPS else GREEDY_LARGE_STEP_SHARE
+    return GREEDY_LARGE_STEP_SHARE if _many_groups(plan) else 0.0
 
 
 def _set_schedule(plan: Plan, schedule):
@@ -71,13 +76,14 @@ def run_search(model, plan: Plan, inputs: np.ndarray, search: str, seed: int = 0
     if search in ("range", "sensitivity"):
         pass
     elif search == "greedy":
+        step_share = greedy_step_share(plan)
         _set_schedule(plan, greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy",
                                                                                  disable=not progress, leave=False),
-                                            step_share=greedy_step_share(plan)))
-        plan.meta["greedy_step_share"] = greedy_step_share(plan)
+                                            step_share=step_share))
+        plan.meta["greedy_step_share"] = step_share
     else:
         range_schedule = list(plan.schedule)
-        if sum(l.n_groups for l in plan.layers) <= GREEDY_SEED_MAX_GROUPS:
+        if not _many_groups(plan):
             greedy = greedy_schedule(macs, fit, progress=lambda n: tqdm(total=n, desc="greedy seed",
                                                                          disable=not progress, leave=False))
             plan.meta["search_seed"] = "range+greedy"
