@@ -255,10 +255,28 @@ def format_agreement(report) -> str:
     rows = [("INT8" if e["ratio"] == 0 else f"ratio {e['ratio']:g}", e) for e in report["ratios"]]
     rows += [(k, e) for k, e in report.get("baselines", {}).items()]
     for name, e in rows:
-        lines.append(f"{name:<16}{100 * e.get('mac_ratio', 0):>10.1f}%{100 * e['agree_top1']:>11.2f}%"
+        mac = f"{100 * e['mac_ratio']:>10.1f}%" if "mac_ratio" in e else f"{'-':>11}"
+        lines.append(f"{name:<16}{mac}{100 * e['agree_top1']:>11.2f}%"
                      f"{100 * e['agree_confident']:>9.2f}%{100 * e['top5_overlap']:>13.2f}%{e['kl']:>9.4f}"
                      f"{e['cosine']:>9.4f}{e.get('latency_ms', float('nan')):>12.2f}")
     return "\n".join(lines)
+
+
+NOISE_LEVELS = 1.0     # pixel noise (in 8-bit levels) of the FP32 noise-floor row
+IMAGENET_STD = np.array(IMAGENET_SPEC["std"], np.float32).reshape(1, 3, 1, 1)
+
+
+def pixel_noise_agreement(model, x_eval: np.ndarray, ref: np.ndarray, batch: int, seed: int) -> dict:
+    """The noise floor of this evaluation set: FP32 itself, on the same crops plus Gaussian pixel
+    noise of NOISE_LEVELS 8-bit levels (invisible, below the PNG's own rounding). Crops whose FP32
+    top-1 flips under it cannot be expected to survive INT8 either; no quantizer is measured here."""
+    import flexiq_tvm as fq
+    from flexiq_tvm.evaluate import _run_float
+
+    rng = np.random.default_rng(seed + 12345)
+    noisy = x_eval + rng.normal(0.0, NOISE_LEVELS / 255.0, x_eval.shape).astype(np.float32) / IMAGENET_STD
+    y = _run_float(fq.compile_float(model, batch), noisy.astype(np.float32), batch, False, "fp32+noise")
+    return agreement(ref, y)
 
 
 def ort_int8_agreement(onnx_path: str, x_calib: np.ndarray, x_eval: np.ndarray, ref: np.ndarray, work: Path) -> dict:
@@ -335,6 +353,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-recover", dest="recover", action="store_false",
                     help="skip the per-ratio bias correction after the search (about 1.5 min here)")
+    ap.add_argument("--rounding", choices=["compensated", "nearest"], default="compensated",
+                    help="INT8 weight codes (fq.quantize's rounding; default compensated)")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--ort", action="store_true", help="also quantize with ONNX Runtime (static INT8) for comparison")
     ap.add_argument("--seed", type=int, default=0)
@@ -350,7 +370,8 @@ def main(argv=None):
     model, _, calib_dir, eval_dir = prepare(work, args)
     t = time.perf_counter()
     plan = fq.quantize(model, ImageFolder(str(calib_dir)), group_size=args.group_size, calibrator=args.calibrator,
-                       search=args.search, seed=args.seed, search_samples=args.search_samples, recover=args.recover)
+                       search=args.search, seed=args.seed, search_samples=args.search_samples, recover=args.recover,
+                       rounding=args.rounding)
     q_s = time.perf_counter() - t
     print(f"quantize (search={args.search}): {q_s:.1f} s", flush=True)
     plan.save(work / "mobilenet_v2.flexiq")
@@ -359,13 +380,15 @@ def main(argv=None):
     report, ref = run_agreement(model, plan, x_eval, ratios, batch=args.batch_size, latency=not args.no_latency,
                                 return_logits=True)
     report.update(frontend=args.frontend, search=args.search, recover=bool(args.recover), quantize_seconds=round(q_s, 1),
-                  calib_samples=int(plan.meta.get("calib_samples", 0)))
+                  calib_samples=int(plan.meta.get("calib_samples", 0)), rounding=args.rounding)
+    report["baselines"] = {f"FP32+noise {NOISE_LEVELS:g}/255": pixel_noise_agreement(model, x_eval, ref, args.batch_size,
+                                                                                    args.seed)}
     if args.ort:
         onnx_path = str(work / "mobilenet_v2.onnx")
         if not os.path.exists(onnx_path):
             export_onnx(load_torch_model(args.weights), onnx_path)
         x_calib, _ = ImageFolder(str(calib_dir)).load(model)
-        report["baselines"] = {"ORT INT8 (QDQ)": ort_int8_agreement(onnx_path, x_calib, x_eval, ref, work)}
+        report["baselines"]["ORT INT8 (QDQ)"] = ort_int8_agreement(onnx_path, x_calib, x_eval, ref, work)
     print(format_agreement(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -15,6 +15,7 @@ from .frontend.model import FloatModel, load_model
 from .passes.flexiq_rewrite import flexiq_rewrite
 from .quant.build import build_plan
 from .quant.plan import Plan
+from .quant.rounding import check_rounding
 from .quant.schedule import STANDARD_LEVELS
 from .runtime.compiled import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_FUNC, CompiledModel
 from .targets import get_target
@@ -32,7 +33,8 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
              calibrator: str = "percentile", search: str = "evolutionary", seed: int = 0, batch_size: int = 32,
              percentile: float = 99.99, shift_rule: str = "mse", search_samples: Optional[int] = None,
              metric: str = "kl", population: int = 16, generations: int = 20, patience: int = 5,
-             curve_points: int = 8, recover: bool = True, progress: bool = True) -> Plan:
+             curve_points: int = 8, recover: bool = True, rounding: str = "compensated",
+             progress: bool = True) -> Plan:
     """Calibrate `model` on `calib` and build its FlexiQ plan (scales, orders, shifts, ratio levels).
 
     search: "range" lowers every layer at the same pace in value-range order; "sensitivity"
@@ -44,6 +46,8 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
     default: as many as fit in SEARCH_MACS_PER_EVALUATION, between 16 and 512 (512 for the demo
     models, 16 for MobileNetV2, whose whole default pipeline then took 7 minutes on 2 cores).
     recover: per-ratio bias correction after the search (see `recovery.py`).
+    rounding: "compensated" (default) picks INT8 weight codes that preserve each layer's output on
+    the calibration inputs (`quant/rounding.py`); "nearest" rounds each weight on its own.
     """
     from tqdm.auto import tqdm
 
@@ -58,9 +62,11 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
         raise ValueError(f"search_samples must be >= 1, got {search_samples}")
     inputs, _ = load_data(calib, model, what="calibration data")
     t0 = time.perf_counter()
-    stats = collect_stats(model, inputs, batch_size=batch_size, seed=seed, progress=progress)
+    check_rounding(rounding)
+    stats = collect_stats(model, inputs, batch_size=batch_size, seed=seed, progress=progress,
+                          grams=rounding == "compensated")
     plan = build_plan(model.specs, stats, ratios=ratios, group_size=group_size, calibrator=calibrator,
-                      search="range", seed=seed, percentile=percentile, shift_rule=shift_rule,
+                      search="range", seed=seed, percentile=percentile, shift_rule=shift_rule, rounding=rounding,
                       meta={"model": model.name, "calib_samples": int(inputs.shape[0]),
                             "flexiq_tvm": __version__},
                       progress=(lambda it, **kw: tqdm(it, disable=not progress, **kw)))

@@ -2,7 +2,8 @@
 
 The FP32 model is compiled by TVM with every quantizable layer's input tapped as an extra output;
 calibration batches stream through it and each layer gets a `TensorStats`: exact per-channel
-ranges and second moments, plus a seeded subsample of values for the percentile and MSE calibrators.
+ranges and second moments, plus a seeded subsample of values for the percentile and MSE calibrators,
+and, when asked, the Gram matrix of the layer's input patches that error-compensating rounding needs.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .errors import DataError
 from .frontend.model import FloatModel
 from .passes.tap_outputs import TapOutputs
 from .quant.calibrators import TensorStats
+from .quant.rounding import input_gram
 
 SAMPLE_PER_BATCH = 4096
 SAMPLE_CAP = 1 << 20
@@ -48,6 +50,11 @@ class _Accumulator:
         self.channel_samples: List[np.ndarray] = []
         self.channel_kept = 0
         self.rng = rng
+        self.gram = None
+
+    def add_gram(self, a: np.ndarray, spec):
+        g = input_gram(a, spec)
+        self.gram = g if self.gram is None else self.gram + g
 
     def add(self, a: np.ndarray, channel_axis: int):
         red = tuple(i for i in range(a.ndim) if i != channel_axis)
@@ -75,12 +82,14 @@ class _Accumulator:
                            maximum=float(self.maximum),
                            sample=np.concatenate(self.samples) if self.samples else np.zeros(0, np.float32),
                            count=count,
-                           channel_sample=np.concatenate(self.channel_samples, axis=1) if self.channel_samples else None)
+                           channel_sample=np.concatenate(self.channel_samples, axis=1) if self.channel_samples else None,
+                           gram=self.gram)
 
 
 def collect_stats(model: FloatModel, data: np.ndarray, batch_size: int = 32, seed: int = 0,
-                  progress: bool = True, target=None) -> List[TensorStats]:
-    """Per-layer input statistics of `model` over the calibration inputs `data` (N, ...)."""
+                  progress: bool = True, target=None, grams: bool = False) -> List[TensorStats]:
+    """Per-layer input statistics of `model` over the calibration inputs `data` (N, ...); with
+    `grams`, each layer's input-patch Gram matrix too (for `rounding="compensated"`)."""
     data = model.check_inputs(data, what="calibration data")
     if not model.layers:
         return []
@@ -101,4 +110,6 @@ def collect_stats(model: FloatModel, data: np.ndarray, batch_size: int = 32, see
             if not np.all(np.isfinite(a)):
                 raise DataError(f"calibration: the float model produced NaN/inf at the input of {layer.spec.name}")
             acc.add(a, 1 if layer.spec.op == "conv2d" else a.ndim - 1)
+            if grams:
+                acc.add_gram(a, layer.spec)
     return [a.stats(data.shape[0]) for a in accs]

@@ -60,7 +60,8 @@ def cmd_quantize(args):
     plan = fq.quantize(model, _data_source(args.calib, args), ratios=args.ratios, group_size=args.group_size,
                        calibrator=args.calibrator, search=args.search, seed=args.seed, metric=args.metric,
                        population=args.population, generations=args.generations, recover=args.recover,
-                       percentile=args.percentile, search_samples=args.search_samples, progress=not args.quiet)
+                       percentile=args.percentile, search_samples=args.search_samples, rounding=args.rounding,
+                       progress=not args.quiet)
     plan.save(args.output)
     share = {r: round(float(plan.mac_share[p]), 3) for r, p in plan.levels.items()}
     print(f"wrote {args.output}: {plan.num_layers} FlexiQ layers, group size {plan.group_size}, "
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 512, fewer for large models: 16 for MobileNetV2)")
     q.add_argument("--no-recover", dest="recover", action="store_false",
                    help="skip the per-ratio bias correction after the search")
+    q.add_argument("--rounding", choices=["compensated", "nearest"], default="compensated",
+                   help="INT8 weight codes: chosen to keep each layer's output on the calibration data "
+                   "(default), or each weight rounded to nearest")
     quant_opts(q)
     common(q)
     q.set_defaults(func=cmd_quantize)

@@ -28,8 +28,10 @@ def test_random_graphs_bit_exact(tmp_path, graph, name, group_size):
     model = fq.load_model(path)
     rng = np.random.default_rng(1)
     calib = rng.standard_normal((24,) + shape).astype(np.float32)
+    # both weight roundings reach the kernels: stored (compensated) codes and re-derived nearest ones
     plan = fq.quantize(model, calib, group_size=group_size, calibrator="percentile", search="range", recover=False,
-                       progress=False)
+                       rounding="nearest" if group_size == 1 else "compensated", progress=False)
+    assert (plan.layers[0].weight_codes is None) == (group_size == 1)
     x = rng.standard_normal((3,) + shape).astype(np.float32) * 1.5   # beyond the calibrated range too
     _check_layers_bit_exact(model, plan, x, counts_grid(plan), batch=3)
 

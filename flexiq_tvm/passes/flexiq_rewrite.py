@@ -24,7 +24,7 @@ import tvm
 from tvm import relax
 
 from ..frontend.layers import FoundLayer
-from ..quant.int8 import dequant_scale, quantize_weight_with_scale
+from ..quant.int8 import dequant_scale
 from ..quant.plan import Plan
 from ..schedules import compute
 
@@ -41,7 +41,7 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
     spec = found.spec
     unsigned = bool(lplan.act_unsigned)
     act_dtype = "uint8" if unsigned else "int8"
-    q_w = quantize_weight_with_scale(spec.weight, lplan.weight_scale)
+    q_w = lplan.int8_weight(spec.weight)
     # static: the shift of each channel's group; dynamic: the calibrated offset below the live max rule
     per_group = lplan.act_dynamic_offset if dynamic else lplan.act_shift
     act_shift = relax.const(np.asarray(per_group, dtype=np.int32)[lplan.rank])

@@ -11,6 +11,7 @@ from .calibrators import TensorStats, check_calibrator, clip_value
 from .int8 import activation_qrange, activation_scale, quantize_activation, quantize_weight
 from .layer import LayerSpec
 from .plan import LayerPlan, Plan, model_fingerprint
+from .rounding import check_rounding, compensated_codes
 from .ranking import channel_lowering_error, group_ranks, num_groups, order_channels
 from .schedule import STANDARD_LEVELS, check_ratio, cumulative_mac_share, level_prefixes, proportional_schedule
 
@@ -25,12 +26,18 @@ def activation_absmax_codes(stats: TensorStats, scale: float, unsigned: bool) ->
 
 
 def plan_layer(spec: LayerSpec, stats: TensorStats, group_size: int, calibrator: str,
-               percentile: float = 99.99, shift_rule: str = "mse") -> LayerPlan:
+               percentile: float = 99.99, shift_rule: str = "mse", rounding: str = "nearest") -> LayerPlan:
     """INT8 scales, value-range order and bit-extraction shifts of one layer."""
     if stats.channel_absmax.shape != (spec.in_channels,):
         raise ValueError(f"layer {spec.name!r}: statistics cover {stats.channel_absmax.shape[0]} channels, "
                          f"layer has {spec.in_channels}")
     q_w, w_scale = quantize_weight(spec.weight)
+    stored = None
+    if rounding == "compensated":
+        if stats.gram is None:
+            raise ValueError(f"layer {spec.name!r}: compensated rounding needs input Gram matrices "
+                             "(collect_stats(..., grams=True))")
+        q_w = stored = compensated_codes(spec.weight, w_scale, stats.gram, spec.groups)
     clip = clip_value(stats, calibrator, spec.act_unsigned, percentile=percentile)
     s_x = activation_scale(clip, spec.act_unsigned)
     codes = activation_absmax_codes(stats, s_x, spec.act_unsigned)
@@ -59,17 +66,21 @@ def plan_layer(spec: LayerSpec, stats: TensorStats, group_size: int, calibrator:
                      groups=spec.groups, group_size=group_size, order=order, weight_scale=w_scale,
                      act_scale=float(s_x), act_unsigned=spec.act_unsigned,
                      act_shift=a_shift, weight_shift=w_shift, act_dynamic_offset=offset,
-                     macs_per_channel=spec.macs_per_channel)
+                     macs_per_channel=spec.macs_per_channel, weight_codes=stored)
 
 
 def build_plan(specs: Sequence[LayerSpec], stats: Sequence[TensorStats], *, ratios=STANDARD_LEVELS,
                group_size: int = 16, calibrator: str = "percentile", search: str = "range", seed: int = 0,
-               percentile: float = 99.99, shift_rule: str = "mse", meta: Optional[dict] = None,
-               progress=None) -> Plan:
-    """Quantize every layer and order the lowering steps across layers."""
+               percentile: float = 99.99, shift_rule: str = "mse", rounding: str = "nearest",
+               meta: Optional[dict] = None, progress=None) -> Plan:
+    """Quantize every layer and order the lowering steps across layers.
+
+    rounding: "nearest" INT8 weights, or "compensated" (quant/rounding.py: codes chosen to keep each
+    layer's output on the calibration inputs; needs statistics gathered with grams=True)."""
     if not isinstance(group_size, (int, np.integer)) or group_size < 1:
         raise ValueError(f"group_size must be a positive integer (hardware groups: {GROUP_SIZES}), got {group_size!r}")
     check_calibrator(calibrator)
+    check_rounding(rounding)
     if search not in SEARCHES:
         raise ValueError(f"search {search!r} is not available; choose one of {SEARCHES}")
     if shift_rule not in SHIFT_RULES:
@@ -82,11 +93,11 @@ def build_plan(specs: Sequence[LayerSpec], stats: Sequence[TensorStats], *, rati
     it = zip(specs, stats)
     if progress is not None:
         it = progress(it, total=len(specs), desc="quantize layers")
-    layers = [plan_layer(s, st, group_size, calibrator, percentile, shift_rule) for s, st in it]
+    layers = [plan_layer(s, st, group_size, calibrator, percentile, shift_rule, rounding) for s, st in it]
     schedule = proportional_schedule([l.n_groups for l in layers])
     share = cumulative_mac_share(schedule, [l.group_macs for l in layers])
     info = {"calibrator": calibrator, "search": search, "seed": int(seed), "percentile": percentile,
-            "shift_rule": shift_rule}
+            "shift_rule": shift_rule, "rounding": rounding}
     info.update(meta or {})
     return Plan(fingerprint=model_fingerprint(specs), group_size=group_size, layers=layers,
                 schedule=schedule, levels=level_prefixes(share, levels), meta=info)

@@ -27,6 +27,7 @@ class TensorStats:
     sample: np.ndarray              # 1-D float32 subsample of the values
     count: int = 0                  # number of samples (images) seen
     channel_sample: Optional[np.ndarray] = None   # (C, S) values of each channel at S positions
+    gram: Optional[np.ndarray] = None             # (groups, K, K) input-patch second moments (rounding.input_gram)
 
     @property
     def absmax(self) -> float:

@@ -6,20 +6,23 @@ loudly instead of producing wrong numbers. Writes are atomic.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from .atomic import atomic_write_bytes
+from .int8 import quantize_weight_with_scale
 from .layer import LayerSpec
 from .ranking import num_groups
 from .schedule import check_ratio, counts_at, cumulative_mac_share, prefix_for_ratio
 
 FORMAT = "flexiq-plan"
-VERSION = 1
+VERSION = 2          # 2: optional stored INT8 weight codes (error-compensating rounding); reads 1 too
 
 
 class PlanError(ValueError):
@@ -58,6 +61,9 @@ class LayerPlan:
     # dynamic extraction: bits subtracted from the live max-rule shift, per group (calibrated:
     # how far below the max rule the static shift choice went; all 0 = the plain max rule)
     act_dynamic_offset: Optional[Sequence[int]] = None
+    # INT8 weight codes chosen from calibration data (quant/rounding.py); None: nearest rounding of
+    # the model's weights with weight_scale, re-derived wherever needed
+    weight_codes: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.order = np.asarray(self.order, dtype=np.int32)
@@ -74,6 +80,19 @@ class LayerPlan:
         self.act_scale = float(np.float32(self.act_scale))
         self.act_shift = np.asarray(self.act_shift, dtype=np.int32)
         self.weight_shift = np.asarray(self.weight_shift, dtype=np.int32).reshape(self.out_channels, -1)
+        if isinstance(self.weight_codes, dict):
+            self.weight_codes = _decode_codes(self.weight_codes, self.name)
+        elif self.weight_codes is not None:
+            self.weight_codes = np.asarray(self.weight_codes, dtype=np.int8)
+
+    def int8_weight(self, weight: np.ndarray) -> np.ndarray:
+        """The layer's INT8 weight codes: the stored ones, or nearest rounding of `weight`."""
+        if self.weight_codes is None:
+            return quantize_weight_with_scale(weight, self.weight_scale)
+        if self.weight_codes.shape != np.shape(weight):
+            raise PlanError(f"layer {self.name!r}: plan stores INT8 weights of shape {self.weight_codes.shape}, "
+                            f"the model's weight is {np.shape(weight)}")
+        return self.weight_codes
 
     @property
     def n_groups(self) -> int:
@@ -101,7 +120,8 @@ class LayerPlan:
                          weight_scale=self.weight_scale, act_scale=self.act_scale, act_unsigned=self.act_unsigned,
                          act_shift=self.act_shift[perm], weight_shift=self.weight_shift[:, perm],
                          act_dynamic_offset=self.act_dynamic_offset[perm],
-                         macs_per_channel=self.macs_per_channel, group_sizes=[self.group_sizes[g] for g in perm])
+                         macs_per_channel=self.macs_per_channel, group_sizes=[self.group_sizes[g] for g in perm],
+                         weight_codes=self.weight_codes)
 
     @property
     def act_shift_per_channel(self) -> np.ndarray:
@@ -124,6 +144,10 @@ class LayerPlan:
         for arr in (self.act_shift, self.weight_shift):
             if arr.size and (arr.min() < 0 or arr.max() > 4):
                 raise PlanError(f"layer {self.name!r}: shifts must lie in 0..4")
+        if self.weight_codes is not None and (self.weight_codes.shape[:1] != (self.out_channels,)
+                                              or self.weight_codes.size and self.weight_codes.min() < -127):
+            raise PlanError(f"layer {self.name!r}: stored INT8 weights do not fit {self.out_channels} outputs "
+                            "and the code range [-127, 127]")
 
     def to_json(self) -> dict:
         return {"name": self.name, "op": self.op, "in_channels": self.in_channels,
@@ -132,11 +156,27 @@ class LayerPlan:
                 "act_scale": self.act_scale, "act_unsigned": bool(self.act_unsigned),
                 "act_shift": self.act_shift.tolist(), "weight_shift": self.weight_shift.tolist(),
                 "macs_per_channel": int(self.macs_per_channel), "group_sizes": list(self.group_sizes),
-                "act_dynamic_offset": self.act_dynamic_offset.tolist()}
+                "act_dynamic_offset": self.act_dynamic_offset.tolist(),
+                **({} if self.weight_codes is None else {"weight_codes": _encode_codes(self.weight_codes)})}
 
     @classmethod
     def from_json(cls, d: dict) -> "LayerPlan":
         return cls(**d)
+
+
+def _encode_codes(codes: np.ndarray) -> dict:
+    """INT8 codes as JSON: shape plus base64 of the zlib-compressed bytes (C order)."""
+    raw = np.ascontiguousarray(codes, dtype=np.int8).tobytes()
+    return {"shape": list(codes.shape), "int8_zlib_base64": base64.b64encode(zlib.compress(raw, 9)).decode("ascii")}
+
+
+def _decode_codes(d: dict, layer: str) -> np.ndarray:
+    try:
+        shape = tuple(int(v) for v in d["shape"])
+        raw = zlib.decompress(base64.b64decode(d["int8_zlib_base64"], validate=True))
+        return np.frombuffer(raw, dtype=np.int8).reshape(shape).copy()
+    except (KeyError, TypeError, ValueError, zlib.error) as e:
+        raise PlanError(f"layer {layer!r}: stored INT8 weights are unreadable ({type(e).__name__}: {e})") from None
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .bitextract import four_bit_code, shift_for_magnitude
-from .int8 import dequant_scale, quantize_activation, quantize_weight_with_scale
+from .int8 import dequant_scale, quantize_activation
 from .layer import LayerSpec
 from .plan import LayerPlan, Plan
 
@@ -53,7 +53,7 @@ class LayerReference:
     def __init__(self, spec: LayerSpec, plan: LayerPlan, dynamic: bool = False):
         self.spec, self.plan = spec, plan
         self.dynamic = bool(dynamic)   # default of the `dynamic` arguments below (Plan.dynamic)
-        self.q_w = quantize_weight_with_scale(spec.weight, plan.weight_scale).astype(np.int64)
+        self.q_w = plan.int8_weight(spec.weight).astype(np.int64)
         self.rank = plan.rank
         self.channel_of = spec.weight_input_channel()                      # (O, Cg)
         self.scale = dequant_scale(plan.weight_scale, plan.act_scale)
