@@ -5,7 +5,8 @@ else top-1 agreement with FP32; x = measured batch-1 latency; FP32 and INT8 mark
 labelled with its 4-bit MAC share, the ratio points joined in ratio order. Right, the same y against
 the 4-bit MAC share, which is what moves on targets whose 4-bit path is not faster (the CPU:
 METHOD section 7), so the accuracy cost of each level stays readable even when the latencies
-overlap. Needs matplotlib (`pip install 'flexiq-tvm[plot]'`).
+overlap; a report's `baselines` (other quantizers, the data's noise floor) are drawn there as
+dotted lines. Needs matplotlib (`pip install 'flexiq-tvm[plot]'`).
 """
 from __future__ import annotations
 
@@ -93,14 +94,18 @@ def plot_report(report: Dict, path, title: str = None) -> str:
     if entries[0]["ratio"] == 0:
         ax.scatter([macs[0]], [ys[0]], s=70, marker="s", color="tab:orange", zorder=3, label="INT8")
     ax.axhline(fp32_y, color="tab:red", ls="--", lw=1, label="FP32")
+    # reference rows a report may carry (other quantizers, the data's noise floor): dotted lines
+    refs = [(name, 100 * e[key]) for name, e in report.get("baselines", {}).items() if e.get(key) is not None]
+    for (name, y), color in zip(refs, ["tab:gray", "tab:green", "tab:purple", "tab:brown"]):
+        ax.axhline(y, color=color, ls=":", lw=1.2, label=name)
     ax.set_xlabel("MACs computed in 4-bit (%)")
     ax.set_ylabel(ylabel)
     ax.set_xlim(-3, 103)
     ax.set_title(f"{short} vs 4-bit share")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    lo = min(ys + [fp32_y])
-    hi = max(ys + [fp32_y])
+    lo = min(ys + [fp32_y] + [y for _, y in refs])
+    hi = max(ys + [fp32_y] + [y for _, y in refs])
     pad = max(0.5, 0.15 * (hi - lo))
     for a in axes:
         a.set_ylim(lo - pad, hi + pad)

@@ -189,3 +189,20 @@ def test_plot_without_labels_or_latency(tmp_path):
     out = plot_report(rep, tmp_path / "a.png")
     assert os.path.getsize(out) > 10000
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_plot_draws_baseline_rows(tmp_path):
+    """A report's baselines (other quantizers, the noise floor) become reference lines; the y range
+    stretches to include them, so a baseline far below the ratios is still visible."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image as mpimg
+
+    from flexiq_tvm.plot import plot_report
+
+    rep = {"model": "m", "samples": 10, "target": "llvm", "group_size": 16, "fp32": {"top1": None},
+           "ratios": [{"ratio": r, "mac_ratio": r, "agree_top1": 1 - r / 10, "kl": r} for r in (0, 0.5, 1)],
+           "baselines": {"other INT8": {"agree_top1": 0.2, "kl": 1.0}, "no metric": {"kl": 0.1}}}
+    with_refs = mpimg.imread(plot_report(rep, tmp_path / "b.png"))
+    del rep["baselines"]
+    without = mpimg.imread(plot_report(rep, tmp_path / "c.png"))
+    assert with_refs.shape == without.shape and not np.array_equal(with_refs, without)
