@@ -17,7 +17,9 @@ Steps:
     `flexiq quantize --calib DIR` reads.
  4. `fq.quantize` on the calibration folder, `fq.compile` once, then for each ratio: top-1 agreement
     with FP32, top-5 overlap, KL(FP32 || FlexiQ) and logit cosine on the evaluation folder, plus the
-    batch-1 latency, printed as a table (and written as JSON / a plot when asked).
+    batch-1 latency, printed as a table (and written as JSON / a plot when asked). Two reference rows:
+    FP32 itself on the evaluation crops plus one 8-bit level of pixel noise (the noise floor of these
+    photos: what no quantizer can be expected to beat) and, with --ort, ONNX Runtime's static INT8.
 
 There are no ImageNet validation labels here, so quality is measured against the FP32 model.
 """
