@@ -155,11 +155,11 @@ def full_fashion_test():
     return None, None
 
 
-def demo_model_and_data(subset: bool = False):
-    """(demo CNN, its 512 calibration inputs, test inputs, labels): the full test split when
-    installed, else (or with `subset`) the shipped 2,000 images."""
+def demo_model_and_data(subset: bool = False, model_file: str = "fashion_cnn.onnx"):
+    """(a shipped Fashion-MNIST model, default the demo CNN; the 512 calibration inputs; test inputs,
+    labels): the full test split when installed, else (or with `subset`) the shipped 2,000 images."""
     assets = REPO / "flexiq_tvm" / "assets"
-    model = fq.load_model(str(assets / "fashion_cnn.onnx"))
+    model = fq.load_model(str(assets / model_file))
     calib, _ = load_data(str(assets / "fashion_calib.npz"), model)
     x, labels = full_fashion_test() if not subset else (None, None)
     if x is None:

@@ -21,24 +21,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import flexiq_tvm as fq  # noqa: E402
-from flexiq_tvm.data import load_data  # noqa: E402
+from ablation import demo_model_and_data  # noqa: E402
 from flexiq_tvm.evaluate import evaluate  # noqa: E402
 
 ROUNDINGS = ("nearest", "compensated")
-
-
-def model_and_data(name: str, subset: bool):
-    from ablation import demo_model_and_data, full_fashion_test
-
-    if name == "cnn":
-        return demo_model_and_data(subset)
-    assets = REPO / "flexiq_tvm" / "assets"
-    model = fq.load_model(str(assets / "fashion_vit.onnx"))
-    calib, _ = load_data(str(assets / "fashion_calib.npz"), model)
-    x, labels = full_fashion_test() if not subset else (None, None)
-    if x is None:
-        x, labels = load_data(str(assets / "fashion_test.npz"), model)
-    return model, calib, x, labels
+MODEL_FILES = {"cnn": "fashion_cnn.onnx", "vit": "fashion_vit.onnx"}
 
 
 def main(argv=None):
@@ -50,7 +37,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     out = {}
     for name in args.models.split(","):
-        model, calib, x, labels = model_and_data(name, args.subset)
+        model, calib, x, labels = demo_model_and_data(args.subset, MODEL_FILES[name])
         for rounding in ROUNDINGS:
             t = time.perf_counter()
             plan = fq.quantize(model, calib, rounding=rounding, seed=args.seed, progress=False)

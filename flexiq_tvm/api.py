@@ -55,6 +55,7 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
 
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    check_rounding(rounding)
     model = _as_model(model)
     if search_samples is None:
         search_samples = default_search_samples(model.specs)
@@ -62,7 +63,6 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
         raise ValueError(f"search_samples must be >= 1, got {search_samples}")
     inputs, _ = load_data(calib, model, what="calibration data")
     t0 = time.perf_counter()
-    check_rounding(rounding)
     stats = collect_stats(model, inputs, batch_size=batch_size, seed=seed, progress=progress,
                           grams=rounding == "compensated")
     plan = build_plan(model.specs, stats, ratios=ratios, group_size=group_size, calibrator=calibrator,
@@ -126,11 +126,14 @@ def compile_float(model, batch_size: int = 1, target=None):
 
 
 def compile_with_taps(model, plan, batch_size: int = 1, target: str = "llvm", schedule: bool = True,
-                      runtime_bias: bool = False, inputs_too: bool = True):
+                      runtime_bias: bool = False, channel_means: bool = False):
     """A debugging build whose `main` returns (output, x_0, y_0, x_1, y_1, ...): every FlexiQ layer's
-    float input and output, so each layer can be checked against the reference (`inputs_too=False`:
-    outputs only). Its run-time arguments are those of the deployment build (`CompiledModel.runtime_args`),
-    or `counts, bias_0, ..., bias_{L-1}` with `runtime_bias=True` (the recovery build)."""
+    float input and output, so each layer can be checked against the reference. Its run-time
+    arguments are those of the deployment build (`CompiledModel.runtime_args`), or
+    `counts, bias_0, ..., bias_{L-1}` with `runtime_bias=True`. With `channel_means` it returns
+    (output, m_0, m_1, ...) instead: each layer's per-output-channel mean over the batch, reduced
+    inside the graph, so C floats per layer leave the VM rather than whole feature maps (the
+    recovery build; on MobileNetV2 a feature map is 10^5-10^6 floats per image)."""
     from .passes.tap_outputs import TapOutputs, flexiq_layer_taps
 
     model = _as_model(model)
@@ -138,6 +141,13 @@ def compile_with_taps(model, plan, batch_size: int = 1, target: str = "llvm", sc
     plan.check_model(model.fingerprint, model.layer_names, source=model.source)
     mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size), runtime_bias=runtime_bias)
     taps = flexiq_layer_taps(mod["main"])
-    flat = [e for i in sorted(taps) for e in (taps[i] if inputs_too else taps[i][1:])]
+    if channel_means:
+        flat = []
+        for i in sorted(taps):
+            y = taps[i][1]
+            axes = [0, 2, 3] if model.specs[i].op == "conv2d" else list(range(y.ty.ndim - 1))
+            flat.append(relax.op.mean(y, axis=axes))
+    else:
+        flat = [e for i in sorted(taps) for e in taps[i]]
     tgt = get_target(target, schedule=schedule)
     return relax.VirtualMachine(tgt.build(TapOutputs(flat)(mod)), tgt.device())

@@ -17,31 +17,11 @@ from tqdm.auto import tqdm
 from .quant.plan import Plan
 
 
-def _mean_tap_build(model, plan: Plan, batch: int, target: str):
-    """The recovery build: biases are run-time inputs and `main` also returns every FlexiQ layer's
-    per-output-channel mean over the batch, reduced inside the graph: C floats per layer leave the
-    VM instead of whole feature maps (on MobileNetV2 those are 10^5-10^6 floats per image and layer)."""
-    from tvm import relax
-
-    from .passes.flexiq_rewrite import flexiq_rewrite
-    from .passes.tap_outputs import TapOutputs, flexiq_layer_taps
-    from .targets import get_target
-
-    mod = flexiq_rewrite(model.mod, model.layers, plan, batch, runtime_bias=True)
-    taps = flexiq_layer_taps(mod["main"])
-    means = []
-    for i in sorted(taps):
-        out = taps[i][1]
-        ndim = out.ty.ndim
-        axes = [0, 2, 3] if model.specs[i].op == "conv2d" else list(range(ndim - 1))
-        means.append(relax.op.mean(out, axis=axes))
-    tgt = get_target(target)
-    return relax.VirtualMachine(tgt.build(TapOutputs(means)(mod)), tgt.device())
-
-
 def recover_bias(model, plan: Plan, inputs: np.ndarray, samples: int = 256, batch_size: int = 64, seed: int = 0,
                  progress: bool = True, target: str = "llvm") -> Plan:
     """Fills `plan.bias_correction` for every level above 0 (in place) and returns the plan."""
+    from .api import compile_with_taps
+
     t0 = time.perf_counter()
     plan.bias_correction = {}
     rng = np.random.default_rng(seed)
@@ -50,7 +30,7 @@ def recover_bias(model, plan: Plan, inputs: np.ndarray, samples: int = 256, batc
     batch = max(1, min(batch_size, x.shape[0]))
     x = x[: x.shape[0] - x.shape[0] % batch]
     chunks = [tvm.runtime.tensor(np.ascontiguousarray(x[s:s + batch])) for s in range(0, x.shape[0], batch)]
-    vm = _mean_tap_build(model, plan, batch, target)
+    vm = compile_with_taps(model, plan, batch_size=batch, target=target, runtime_bias=True, channel_means=True)
     specs = model.specs
     L = plan.num_layers
 
