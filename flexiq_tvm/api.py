@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Optional, Sequence
 
@@ -14,19 +15,35 @@ from .data import load_data
 from .frontend.model import FloatModel, load_model
 from .passes.flexiq_rewrite import flexiq_rewrite
 from .quant.build import build_plan
-from .quant.plan import Plan
+from .quant.plan import Plan, PlanError
 from .quant.rounding import check_rounding
 from .quant.schedule import STANDARD_LEVELS
 from .runtime.compiled import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_FUNC, CompiledModel
 from .targets import get_target
 
 
-def _as_model(model) -> FloatModel:
-    return model if isinstance(model, FloatModel) else load_model(model)
+def _as_model(model, plan: Optional[Plan] = None) -> FloatModel:
+    """A loaded model; a path is loaded at the input shape its plan records (dynamic-shape files)."""
+    if isinstance(model, FloatModel):
+        return model
+    shape = plan.meta.get("input_shape") if plan is not None else None
+    if shape is not None and isinstance(model, (str, os.PathLike)):
+        return load_model(model, input_shape=shape)
+    return load_model(model)
 
 
 def _as_plan(plan) -> Plan:
     return plan if isinstance(plan, Plan) else Plan.load(plan)
+
+
+def check_plan_model(plan: Plan, model: FloatModel) -> None:
+    """The plan was made for this model, at this input shape (recorded in the plan's meta)."""
+    shape = plan.meta.get("input_shape")
+    if shape is not None and tuple(shape) != tuple(model.input_shape):
+        raise PlanError(f"plan was made for input shape {tuple(shape)}, but {model.source} is loaded with "
+                        f"{tuple(model.input_shape)}; load the model with input_shape={tuple(shape)} "
+                        f"(--input-shape {','.join(map(str, shape))}) or quantize again")
+    plan.check_model(model.fingerprint, model.layer_names, source=model.source)
 
 
 def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size: int = 16,
@@ -68,6 +85,7 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
     plan = build_plan(model.specs, stats, ratios=ratios, group_size=group_size, calibrator=calibrator,
                       search="range", seed=seed, percentile=percentile, shift_rule=shift_rule, rounding=rounding,
                       meta={"model": model.name, "calib_samples": int(inputs.shape[0]),
+                            "input_shape": list(model.input_shape),
                             "flexiq_tvm": __version__},
                       progress=(lambda it, **kw: tqdm(it, disable=not progress, **kw)))
     run_search(model, plan, inputs, search, seed=seed, samples=search_samples, metric=metric,
@@ -88,14 +106,15 @@ def _with_manifest(mod: tvm.IRModule, manifest: dict) -> tvm.IRModule:
     return bb.get()
 
 
-def compile(model, plan, target: str = "llvm", batch_size: int = 1, schedule: bool = True,
+def compile(model, plan, target: str = "llvm", batch_size: Optional[int] = None, schedule: bool = True,
             **target_options) -> CompiledModel:
-    """Compile the FlexiQ model once; the result serves every ratio (`set_ratio`)."""
-    model = _as_model(model)
+    """Compile the FlexiQ model once; the result serves every ratio (`set_ratio`).
+
+    batch_size: samples per call (default 1; for a graph that pins its batch, that batch)."""
     plan = _as_plan(plan)
-    plan.check_model(model.fingerprint, model.layer_names, source=model.source)
-    if int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    model = _as_model(model, plan)
+    check_plan_model(plan, model)
+    batch_size = model.check_batch(model.batch_for(1) if batch_size is None else batch_size)
     tgt = get_target(target, schedule=schedule, **target_options)
     if plan.bias_correction and not tgt.supports_bias_rows:
         import warnings
@@ -104,7 +123,7 @@ def compile(model, plan, target: str = "llvm", batch_size: int = 1, schedule: bo
                       "(re-quantize with recover=False to silence this)", stacklevel=2)
         plan = Plan.loads(plan.dumps())
         plan.bias_correction = {}
-    mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size))
+    mod = flexiq_rewrite(*model.at(batch_size), plan, batch_size)
     manifest = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "plan": plan.dumps(),
                 "batch_size": int(batch_size), "input_shape": list(model.input_shape), "target": tgt.name,
                 "model_name": model.name, "flexiq_tvm": __version__}
@@ -117,9 +136,9 @@ def compile_float(model, batch_size: int = 1, target=None):
     from .calibrate import build_float
 
     model = _as_model(model)
-    main = model.mod["main"]
+    mod, _ = model.at(batch_size)
+    main = mod["main"]
     n = main.params[0].ty.shape.values[0]
-    mod = model.mod
     if not isinstance(n, tvm.tirx.IntImm):
         mod = tvm.IRModule({"main": main.bind_symbolic_vars({n: int(batch_size)})})
     return build_float(mod, target)
@@ -136,10 +155,11 @@ def compile_with_taps(model, plan, batch_size: int = 1, target: str = "llvm", sc
     recovery build; on MobileNetV2 a feature map is 10^5-10^6 floats per image)."""
     from .passes.tap_outputs import TapOutputs, flexiq_layer_taps
 
-    model = _as_model(model)
     plan = _as_plan(plan)
-    plan.check_model(model.fingerprint, model.layer_names, source=model.source)
-    mod = flexiq_rewrite(model.mod, model.layers, plan, int(batch_size), runtime_bias=runtime_bias)
+    model = _as_model(model, plan)
+    check_plan_model(plan, model)
+    batch_size = model.check_batch(batch_size)
+    mod = flexiq_rewrite(*model.at(batch_size), plan, batch_size, runtime_bias=runtime_bias)
     taps = flexiq_layer_taps(mod["main"])
     if channel_means:
         flat = []

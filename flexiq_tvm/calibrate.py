@@ -93,20 +93,29 @@ def collect_stats(model: FloatModel, data: np.ndarray, batch_size: int = 32, see
     data = model.check_inputs(data, what="calibration data")
     if not model.layers:
         return []
-    main = model.mod["main"]
+    from .frontend.graph import bindings
+
+    # a graph that pins its batch (or folds only at a known one) runs padded chunks of that batch
+    batch_size = model.batch_for(batch_size)
+    mod, layers = model.at(batch_size)
+    static = mod is not model.mod or model.fixed_batch is not None
+    main = mod["main"]
     taps = []
-    for layer in model.layers:
-        from .frontend.graph import bindings
+    for layer in layers:
         call = next(b.value for b in bindings(main) if b.var.same_as(layer.var))
         taps.append(call.args[0])
-    vm = build_float(TapOutputs(taps)(model.mod), target)
+    vm = build_float(TapOutputs(taps)(mod), target)
     rng = np.random.default_rng(seed)
     accs = [_Accumulator(None, l.spec.in_channels, rng) for l in model.layers]
     starts = range(0, data.shape[0], batch_size)
     for s in tqdm(starts, desc="calibrate", unit="batch", disable=not progress):
-        outs = vm["main"](tvm.runtime.tensor(data[s:s + batch_size]))
+        chunk = data[s:s + batch_size]
+        n = chunk.shape[0]
+        if static and n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
+        outs = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(chunk)))
         for i, (layer, acc) in enumerate(zip(model.layers, accs)):
-            a = outs[i + 1].numpy()
+            a = outs[i + 1].numpy()[:n]
             if not np.all(np.isfinite(a)):
                 raise DataError(f"calibration: the float model produced NaN/inf at the input of {layer.spec.name}")
             acc.add(a, 1 if layer.spec.op == "conv2d" else a.ndim - 1)

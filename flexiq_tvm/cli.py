@@ -35,6 +35,28 @@ def _ratios(text: str):
     return vals
 
 
+def _shape(text: str):
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--input-shape: expected integers separated by commas, e.g. 3,640,640; "
+                                         f"got {text!r}") from None
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"--input-shape: expected positive dims, e.g. 3,640,640; got {text!r}")
+    return dims
+
+
+def _load(args, plan=None):
+    """The model at --input-shape, else at the shape the plan records (dynamic-shape ONNX files)."""
+    import flexiq_tvm as fq
+
+    shape = args.input_shape
+    if shape is None and plan is not None:
+        shape = plan.meta.get("input_shape")
+        shape = tuple(shape) if shape is not None else None
+    return fq.load_model(args.model, input_shape=shape)
+
+
 def _write_json(path, obj):
     from .quant.atomic import atomic_write_bytes
 
@@ -56,7 +78,7 @@ def _data_source(path, args):
 def cmd_quantize(args):
     import flexiq_tvm as fq
 
-    model = fq.load_model(args.model)
+    model = _load(args)
     plan = fq.quantize(model, _data_source(args.calib, args), ratios=args.ratios, group_size=args.group_size,
                        calibrator=args.calibrator, search=args.search, seed=args.seed, metric=args.metric,
                        population=args.population, generations=args.generations, recover=args.recover,
@@ -80,7 +102,8 @@ def cmd_compile(args):
         if args.target != "cuda":
             raise SystemExit("flexiq compile: --arch needs --target cuda")
         opts["arch"] = args.arch
-    cm = fq.compile(args.model, args.plan, target=args.target, batch_size=args.batch_size, **opts)
+    plan = fq.Plan.load(args.plan)
+    cm = fq.compile(_load(args, plan), plan, target=args.target, batch_size=args.batch_size, **opts)
     cm.export(args.output)
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.2f} MB): target {cm.target}, "
           f"batch {cm.batch_size}, {cm.plan.num_layers} layers, ratio set at run time with set_ratio(r)")
@@ -106,8 +129,8 @@ def _eval_and_print(model, plan, data, args):
 def cmd_eval(args):
     import flexiq_tvm as fq
 
-    model = fq.load_model(args.model)
-    _eval_and_print(model, fq.Plan.load(args.plan), _data_source(args.data, args), args)
+    plan = fq.Plan.load(args.plan)
+    _eval_and_print(_load(args, plan), plan, _data_source(args.data, args), args)
 
 
 def cmd_demo(args):
@@ -142,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    def input_shape(sp):
+        sp.add_argument("--input-shape", type=_shape, default=None, metavar="DIMS",
+                        help="per-sample input shape without the batch axis, e.g. 3,640,640: required for ONNX "
+                        "files with dynamic spatial/sequence dims (default: the file's, or the plan's)")
+
     def quant_opts(sp):
         sp.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="comma-separated 4-bit MAC shares in [0, 1] (default 0,0.25,0.5,0.75,1)")
@@ -169,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="INT8 weight codes: chosen to keep each layer's output on the calibration data "
                    "(default), or each weight rounded to nearest")
     quant_opts(q)
+    input_shape(q)
     common(q)
     q.set_defaults(func=cmd_quantize)
 
@@ -180,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPU architecture for --target cuda (default sm_80; sm_90 gains no speed from the ratio)")
     c.add_argument("--npu-config", default=None, metavar="JSON",
                    help='NPU configuration for --target npu, e.g. \'{"rows": 16, "cols": 16}\' (docs/npu.md)')
-    c.add_argument("--batch-size", type=int, default=1)
+    c.add_argument("--batch-size", type=int, default=None,
+                   help="samples per call (default 1, or the batch a fixed-batch graph pins)")
     c.add_argument("-o", "--output", required=True, help="artifact (.so) to write")
+    input_shape(c)
     common(c)
     c.set_defaults(func=cmd_compile)
 
@@ -195,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ratios", type=_ratios, default=[0.0, 0.25, 0.5, 0.75, 1.0])
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--json", help="write the report as JSON")
+    input_shape(e)
     common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -210,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--plot", metavar="PNG", help="write accuracy vs latency per ratio (needs matplotlib)")
     common(d)
     d.set_defaults(func=cmd_demo)
+
+    from .serving.cli import add_parser as add_serve_parser   # `flexiq serve` (flexiq_tvm/serving/cli.py)
+
+    add_serve_parser(sub)
     return p
 
 

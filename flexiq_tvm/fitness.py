@@ -29,14 +29,23 @@ class OutputDistance:
         self.metric = metric
         self.plan = plan
         n = inputs.shape[0]
-        self.batch = max(1, min(batch_size, n))
-        n -= n % self.batch
+        if getattr(model, "fixed_batch", None):
+            # the graph pins its batch: every input is scored, the last chunk padded
+            self.batch = model.fixed_batch
+            pad = -n % self.batch
+            if pad:
+                inputs = np.concatenate([inputs, np.zeros((pad,) + inputs.shape[1:], inputs.dtype)])
+        else:
+            self.batch = max(1, min(batch_size, n))
+            n -= n % self.batch
+        self.samples = n
         tgt = get_target(target)
-        mod = flexiq_rewrite(model.mod, model.layers, plan, self.batch, runtime_tables=True)
+        mod, layers = model.at(self.batch)
+        mod = flexiq_rewrite(mod, layers, plan, self.batch, runtime_tables=True)
         self.vm = tvm.relax.VirtualMachine(tgt.build(mod), tgt.device())
         self._main = self.vm["main"]
         self.chunks = [tvm.runtime.tensor(np.ascontiguousarray(inputs[s:s + self.batch]))
-                       for s in range(0, n, self.batch)]
+                       for s in range(0, inputs.shape[0] - inputs.shape[0] % self.batch, self.batch)]
         self._base = [(tvm.runtime.tensor(l.rank.astype(np.int32)),
                        tvm.runtime.tensor(np.ascontiguousarray(l.weight_shift, np.int32))) for l in plan.layers]
         self._table_cache: Dict = {}
@@ -69,7 +78,7 @@ class OutputDistance:
         for l in range(self.plan.num_layers):
             args.extend(self._tables(l, None if perms is None else perms[l]))
         self.evaluations += 1
-        return np.concatenate([self._main(c, *args).numpy() for c in self.chunks])
+        return np.concatenate([self._main(c, *args).numpy() for c in self.chunks])[: self.samples]
 
     def score(self, y: np.ndarray) -> float:
         y = y.astype(np.float64)

@@ -27,8 +27,14 @@ def recover_bias(model, plan: Plan, inputs: np.ndarray, samples: int = 256, batc
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(inputs.shape[0], size=min(samples, inputs.shape[0]), replace=False))
     x = inputs[pick]
-    batch = max(1, min(batch_size, x.shape[0]))
-    x = x[: x.shape[0] - x.shape[0] % batch]
+    if getattr(model, "fixed_batch", None):
+        # a graph that pins its batch: whole chunks of it, filled by repeating the picked samples
+        # (means are taken over a chunk inside the graph, so padding with zeros would bias them)
+        batch = model.fixed_batch
+        x = x[np.arange(-(-x.shape[0] // batch) * batch) % x.shape[0]]
+    else:
+        batch = max(1, min(batch_size, x.shape[0]))
+        x = x[: x.shape[0] - x.shape[0] % batch]
     chunks = [tvm.runtime.tensor(np.ascontiguousarray(x[s:s + batch])) for s in range(0, x.shape[0], batch)]
     vm = compile_with_taps(model, plan, batch_size=batch, target=target, runtime_bias=True, channel_means=True)
     specs = model.specs

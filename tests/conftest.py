@@ -79,6 +79,19 @@ class GraphBuilder:
         return str(path)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_import_check_cache(tmp_path_factory):
+    """Every test session runs the ONNX Runtime import check itself (its cache would otherwise
+    survive from earlier runs on the same machine)."""
+    old = os.environ.get("FLEXIQ_TVM_CACHE")
+    os.environ["FLEXIQ_TVM_CACHE"] = str(tmp_path_factory.mktemp("flexiq_cache"))
+    yield
+    if old is None:
+        os.environ.pop("FLEXIQ_TVM_CACHE", None)
+    else:
+        os.environ["FLEXIQ_TVM_CACHE"] = old
+
+
 @pytest.fixture
 def graph():
     return GraphBuilder

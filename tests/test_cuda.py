@@ -1,10 +1,15 @@
-"""The CUDA target without a GPU (issue 6).
+"""The CUDA target without a GPU (issues 6 and 17).
 
 * bit-exact: the tensor-core GEMM kernel text built in ``mode="emu"`` for llvm (same fragment
   packing, nibble packing, group / shift logic and epilogue; each ``mma.sync`` replaced by a loop
   nest that decodes the 32 lanes' fragments by the PTX ISA layouts) against
   ``quant/reference.py``'s literal mixed dot product, for conv / dense, signed / unsigned
-  activations, the INT4-mma (sm_80/86/89) and INT8-only (sm_90) variants, at several counts;
+  activations, the INT4-mma (sm_80/86/89) and INT8-only (sm_90) variants, at several counts.
+  The default kernel is the staged one (issue 17): its emulation also runs the shared-memory
+  ring (``cp.async`` as a copy), the XOR swizzle and ``ldmatrix`` by its lane mapping; multi-warp
+  tiles and 2/3/4 stages are covered, and the first (direct) kernel keeps two cases;
+* SASS of the staged kernel (issue 17): LDGSTS + LDGDEPBAR/DEPBAR (cp.async pipeline), LDSM
+  (ldmatrix), IMMA, no local-memory spills, for sm_80 and sm_90;
 * compile: the CUDA source of every layer kind (tensor-core conv and dense, INT8-only sm_90
   variant, the CUDA-core depthwise path, the quantize kernels) goes through nvcc for sm_80, sm_89
   and sm_90 (skipped when nvcc is absent);
@@ -71,7 +76,7 @@ def make_layer(op="conv2d", N=1, C=96, H=5, W=5, O=20, k=3, stride=1, pad=1, gro
     return spec, plan, x
 
 
-def tc_kernels(spec, plan, x_shape, mode, int4_mma, layer_index=0, num_layers=1):
+def tc_kernels(spec, plan, x_shape, mode, int4_mma, layer_index=0, num_layers=1, kernel="staged", tile=None):
     """(quantize PrimFunc, gemm PrimFunc, constants) of the tensor-core path of one layer."""
     lay = fcu.tc_layout(plan.rank)
     q_w = LayerReference(spec, plan).q_w.astype(np.int8)
@@ -88,7 +93,8 @@ def tc_kernels(spec, plan, x_shape, mode, int4_mma, layer_index=0, num_layers=1)
         M, C = x_shape
         shp = fcu.GemmShape(N=M, Hp=1, Wp=1, O=spec.out_channels, OH=1, OW=1, dense=True)
         qf = fcu.quantize_tc(x_shape, lay, plan.act_scale, plan.act_unsigned, kind=kind)
-    gf = fcu.gemm_tc(shp, lay, layer_index, num_layers, plan.act_unsigned, int4_mma=int4_mma, mode=mode)
+    gf = fcu.gemm_tc(shp, lay, layer_index, num_layers, plan.act_unsigned, int4_mma=int4_mma, mode=mode,
+                     kernel=kernel, tile=tile)
     consts = dict(src=lay.src, w=fcu.prepare_weight(q_w, lay), ex=np.asarray(plan.act_shift, np.int32),
                   ew=np.ascontiguousarray(plan.weight_shift, np.int32), scale=LayerReference(spec, plan).scale,
                   bias=np.asarray(spec.bias, np.float32), lay=lay, shp=shp)
@@ -102,12 +108,12 @@ def _llvm(func, name):
     return tvm.compile(tvm.IRModule({name: func.with_attr("global_symbol", name)}), target="llvm")[name]
 
 
-def run_emu(spec, plan, x, counts, int4_mma):
+def run_emu(spec, plan, x, counts, int4_mma, kernel="staged", tile=None):
     # keyed by the spec object itself (kept alive in the cache): an id() alone can be reused by a
     # later spec once the first is garbage-collected, which handed one case another case's kernels
-    key = (id(spec), int4_mma)
+    key = (id(spec), int4_mma, kernel, tile)
     if key not in _BUILT or _BUILT[key][3] is not spec:
-        qf, gf, c = tc_kernels(spec, plan, x.shape, "emu", int4_mma)
+        qf, gf, c = tc_kernels(spec, plan, x.shape, "emu", int4_mma, kernel=kernel, tile=tile)
         _BUILT[key] = (_llvm(qf, "q"), _llvm(gf, "gemm"), c, spec)
     fq_, fg, c, _ = _BUILT[key]
     shp, lay = c["shp"], c["lay"]
@@ -126,6 +132,8 @@ CASES = [
     ("conv3x3_u_stride2", dict(op="conv2d", N=2, C=80, H=6, W=7, O=24, stride=2, unsigned=True, seed=1)),
     ("dense_u", dict(op="dense", N=3, C=160, O=10, unsigned=True, seed=2)),
     ("dense_s", dict(op="dense", N=17, C=128, O=36, unsigned=False, seed=3)),
+    # groups of 96 channels, each padded to two 64-channel steps (a group spanning pipeline steps)
+    ("dense_g96", dict(op="dense", N=5, C=160, O=16, group_size=96, unsigned=False, seed=5)),
 ]
 
 
@@ -141,6 +149,63 @@ def test_gemm_emulated_bit_exact(case, int4_mma):
         np.testing.assert_array_equal(got, want, err_msg=f"count {k}")
     # the 4-bit path really differs from INT8 on these shifts (otherwise the test proves little)
     assert not np.array_equal(ref.forward(x, 0), ref.forward(x, plan.n_groups))
+
+
+# the first (direct) kernel stays available (kernel="direct"): one signed-int4 and one sm_90 case
+@pytest.mark.parametrize("case,int4_mma", [("conv3x3_u_stride2", True), ("dense_s", False)])
+def test_direct_kernel_emulated_bit_exact(case, int4_mma):
+    spec, plan, x = make_layer(**dict(CASES)[case])
+    ref = LayerReference(spec, plan)
+    for k in (0, plan.n_groups):
+        np.testing.assert_array_equal(run_emu(spec, plan, x, [k], int4_mma, kernel="direct"), ref.forward(x, k))
+
+
+# staged kernel with multi-warp tiles and other pipeline depths on a 3x3 conv (M=25, O=20, 18 steps):
+# several warps share the staged tiles, threads issue several (or, for B, a guarded partial) copies
+# each, 2 and 4 stages wrap the ring buffer differently
+TILES = [(fcu.Tile(wm=2, wn=2, mi=1, ni=2, stages=2), True), (fcu.Tile(wm=2, wn=2, mi=1, ni=2, stages=2), False),
+         (fcu.Tile(wm=2, wn=1, mi=2, ni=1, stages=4), True), (fcu.Tile(wm=1, wn=2, mi=1, ni=1, stages=3), False)]
+
+
+@pytest.mark.parametrize("tile,int4_mma", TILES,
+                         ids=[f"w{t.wm}x{t.wn}_m{t.mi}n{t.ni}_s{t.stages}_{'int4' if i else 'sm90'}" for t, i in TILES])
+def test_staged_tiles_emulated_bit_exact(tile, int4_mma):
+    spec, plan, x = make_layer(**dict(CASES)["conv3x3_s"])
+    ref = LayerReference(spec, plan)
+    for k in (0, 1, plan.n_groups):
+        np.testing.assert_array_equal(run_emu(spec, plan, x, [k], int4_mma, tile=tile), ref.forward(x, k),
+                                      err_msg=f"count {k}")
+
+
+def test_swizzle_is_bank_conflict_free():
+    """The 8 row addresses of one ldmatrix 8x8 matrix (8 consecutive tile rows, one 16-byte chunk)
+    land in 8 different 16-byte bank groups of a 128-byte bank line; without the swizzle they
+    would not (rows 2 apart collide), so this asserts something the layout buys."""
+    for r0 in range(0, 64, 8):
+        for ch in range(4):
+            groups = {(fcu.smem_offset(r, ch) // 16) % 8 for r in range(r0, r0 + 8)}
+            assert len(groups) == 8, (r0, ch)
+            assert len({(r * fcu.KSTEP + ch * 16) // 16 % 8 for r in range(r0, r0 + 8)}) < 8
+    # a bijection of each row's four chunks
+    for r in range(16):
+        assert sorted(fcu.smem_offset(r, ch) - r * fcu.KSTEP for ch in range(4)) == [0, 16, 32, 48]
+
+
+def test_choose_tile_heuristic():
+    # MobileNetV2-like pointwise conv at batch 32 (M = 32*56*56): the largest block, 128 x 64
+    t = fcu.choose_tile(32 * 56 * 56, 144)
+    assert (t.BM, t.BN, t.threads) == (128, 64, 256)
+    # batch-1 dense (M = 1): one 16-row warp tile, as many column blocks as possible
+    t = fcu.choose_tile(1, 1000)
+    assert t.mi == 1 and t.wm == 1 and t.BM == 16
+    # few blocks: shrink the block rather than leave SMs idle
+    small = fcu.choose_tile(7 * 7, 320)
+    assert -(-49 // small.BM) * -(-320 // small.BN) > -(-49 // 128) * -(-320 // 64)
+    # narrow layer: no warps past the output channels
+    assert fcu.choose_tile(4096, 16).BN == 16
+    for M, O in ((1, 10), (197, 768), (32 * 197, 3072), (112 * 112, 32)):
+        t = fcu.choose_tile(M, O)
+        assert t.smem_bytes() <= 48 * 1024 and t.threads <= 256
 
 
 def test_layout_padding_and_weight_permutation():
@@ -180,8 +245,30 @@ def arch_cubin(arch):
             qf, gf, _ = tc_kernels(spec, plan, x.shape, "cuda", fcu.int4_native(arch))
             funcs[f"quantize_{case}"] = fcu.schedule_elementwise(qf, "xq")
             funcs[f"gemm_{case}"] = gf
+        # the direct kernel (kernel="direct") keeps compiling too
+        spec, plan, x = make_layer(**dict(CASES)["dense_s"])
+        funcs["gemmdirect_dense_s"] = tc_kernels(spec, plan, x.shape, "cuda", fcu.int4_native(arch),
+                                                 kernel="direct")[1]
         _CUBINS[arch] = tcuda.nvcc_cubin(cuda_source(funcs, arch), arch)
     return _CUBINS[arch]
+
+
+def sass_functions(text):
+    """cuobjdump -sass text split per kernel: {function name: SASS}."""
+    import re
+
+    parts = re.split(r"\n\s*Function : (\S+)\n", "\n" + text)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def sass_counts(text, prefixes=("LDSM", "LDGSTS", "LDGDEPBAR", "DEPBAR", "IMMA", "LDL", "STL", "BAR.SYNC")):
+    import re
+
+    out = {}
+    for ins in re.findall(r"\b([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\b", text):
+        if ins.startswith(prefixes):
+            out[ins] = out.get(ins, 0) + 1
+    return out
 
 
 @need_nvcc
@@ -198,6 +285,31 @@ def test_sass_has_int4_and_int8_tensor_core_instructions():
     sass_90 = tcuda.sass(arch_cubin("sm_90"))
     assert "IMMA.16832.S8.S8" in sass_90 and "IMMA.16832.U8.S8" in sass_90
     assert "16864" not in sass_90          # no INT4 mma issued on Hopper
+
+
+@need_cuobjdump
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_sass_staged_kernel_structure(arch):
+    """Each staged GEMM kernel (unsigned strided conv, signed dense) has the fast-kernel
+    instructions: LDGSTS (cp.async global -> shared, 16 bytes, L1 bypass) with its commit
+    (LDGDEPBAR) and wait (DEPBAR), LDSM (ldmatrix x4), IMMA (INT4 16864 on sm_80, only INT8 16832 on
+    sm_90) and no local-memory traffic (fragments stay in registers); the direct kernel has no
+    LDSM / LDGSTS (what it lacks is what this issue adds)."""
+    funcs = sass_functions(tcuda.sass(arch_cubin(arch)))
+    staged = {n: sass_counts(t) for n, t in funcs.items() if n.startswith("gemm_")}
+    assert len(staged) == 2, list(funcs)
+    for name, c in staged.items():
+        unsigned = "_u_" in name
+        assert c.get("LDGSTS.E.BYPASS.128", 0) > 0 and c.get("LDGDEPBAR", 0) > 0, (name, c)
+        assert any(k.startswith("DEPBAR") for k in c), (name, c)
+        assert c.get("LDSM.16.M88.4", 0) > 0 and c.get("BAR.SYNC", 0) + c.get("BAR.SYNC.DEFER_BLOCKING", 0) > 0, c
+        i8 = "IMMA.16832.U8.S8" if unsigned else "IMMA.16832.S8.S8"
+        i4 = "IMMA.16864.U4.S4" if unsigned else "IMMA.16864.S4.S4"
+        assert c.get(i8, 0) > 0, (name, c)
+        assert (c.get(i4, 0) > 0) == (arch != "sm_90"), (name, c)
+        assert not any(k.startswith(("LDL", "STL")) for k in c), (name, c)
+    direct = [sass_counts(t) for n, t in funcs.items() if n.startswith("gemmdirect_")]
+    assert len(direct) == 1 and not any(k.startswith(("LDSM", "LDGSTS")) for k in direct[0]), direct
 
 
 def test_group_size_must_be_a_multiple_of_64():
@@ -257,9 +369,35 @@ def test_model_with_depthwise_builds(mobile_block, arch):
     assert [r[0] for r in tgt.report["tensor_core_layers"]] == [0, 2, 3], tgt.report
     src = tcuda.cuda_module_source(ex)
     assert "mma.sync.aligned.m16n8k32" in src
+    assert "cp.async.cg.shared.global" in src and "ldmatrix.sync.aligned.m8n8.x4" in src
+    assert [r[1] for r in tgt.report["tiles"]] == [0, 2, 3], tgt.report
     assert ("m16n8k64" in src) == (arch != "sm_90")
     assert "llvm.arithmetic.fence" not in src and "__fdiv_rn" in src
     assert len(tcuda.nvcc_cubin(src, arch)) > 1000
+
+
+def test_target_kernel_choice_and_tile_override(mobile_block):
+    """kernel="direct" lowers the whole model onto the first kernel (no cp.async / ldmatrix in its
+    source); an explicit tile for a layer replaces the heuristic's (the tuning hook)."""
+    from flexiq_tvm.errors import FlexiQError
+    from flexiq_tvm.passes.flexiq_rewrite import flexiq_rewrite
+
+    model, plan = mobile_block
+    mod = flexiq_rewrite(*model.at(1), plan, 1) if hasattr(model, "at") else flexiq_rewrite(model.mod, model.layers, plan, 1)
+    tile = fcu.Tile(wm=1, wn=2, mi=1, ni=2, stages=4)
+    staged = tcuda.CUDATarget(arch="sm_80", tiles={2: tile})
+    texts = {gv.name_hint: f.script() for gv, f in staged.lower(mod).functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get("flexiq.kernel", "")) == "gemm_tc"}
+    assert len(texts) == 3 and all("ptx_legacy.ldmatrix" in t and "T.ptx.cp(" in t for t in texts.values()), list(texts)
+    chosen = {r[1]: r[5] for r in staged.report["tiles"]}
+    assert chosen[2] == tile and chosen[0] != tile and chosen[0] == fcu.choose_tile(64, 64, sms=108)
+    direct = tcuda.CUDATarget(arch="sm_80", kernel="direct")
+    texts = [f.script() for _, f in direct.lower(mod).functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and str(f.attrs.get("flexiq.kernel", "")) == "gemm_tc"]
+    assert len(texts) == 3 and not any("ldmatrix" in t or "T.ptx.cp(" in t for t in texts)
+    assert direct.report["tiles"] == []
+    with pytest.raises(FlexiQError, match="kernel"):
+        tcuda.CUDATarget(kernel="cutlass")
 
 
 @need_nvcc

@@ -22,13 +22,15 @@ from flexiq_tvm.quant.reference import LayerReference
 from flexiq_tvm.targets.npu import NPUConfig, NPUConfigError
 from conftest import GRAPHS, assert_taps_bit_exact, counts_grid
 
-# a tiny NPU: 8x8 array, 2 KiB SRAMs (1 KiB banks) -> K chunks, several o-blocks, reloads
-TINY = {"rows": 8, "cols": 8, "ibuf_bytes": 2048, "wbuf_bytes": 2048, "obuf_bytes": 2048,
+# a tiny NPU: 8x8 array, 2 KiB SRAMs (1 KiB banks), no activation SRAM -> K chunks, several
+# o-blocks, weight reloads, every layer input through DRAM
+TINY = {"rows": 8, "cols": 8, "ibuf_bytes": 2048, "wbuf_bytes": 2048, "obuf_bytes": 2048, "abuf_bytes": 0,
         "dma_bytes_per_cycle": 8}
 
 
 def _quantize(model, calib, **kw):
-    """fq.quantize without the per-ratio bias corrections (the npu target does not take them yet)."""
+    """fq.quantize without the per-ratio bias corrections: the layer taps are compared with the numpy
+    reference, which has none (default plans with bias rows: tests/test_npu_flex.py)."""
     import inspect
 
     if "recover" in inspect.signature(fq.quantize).parameters:
@@ -198,7 +200,10 @@ def test_tiling_never_exceeds_sram(demo, cfg):
         assert 0 < l["ibuf_max"] <= c.ibuf_bytes // 2
         assert 0 < l["wbuf_max"] <= c.wbuf_bytes // 2
         assert 0 < l["obuf_max"] <= c.obuf_bytes // 2
-        assert l["total"] >= max(l["compute"], l["dma"], l["vector"])
+        assert l["total"] > 0
+    # each unit is in-order, so its busy cycles fit in the programs' spans (per layer they need not:
+    # a layer's first weight tile is prefetched, and counted, while the previous layer finishes)
+    assert st["total_cycles"] >= max(st["compute_cycles"], st["dma_cycles"], st["vector_cycles"])
 
 
 # ---------------------------------------------------------------- configuration

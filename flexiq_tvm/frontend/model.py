@@ -1,10 +1,11 @@
 """`load_model`: ONNX file, Relax IRModule or torch module -> a prepared float Relax model."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import tvm
@@ -14,8 +15,10 @@ from ..errors import DataError, ModelError
 from ..passes.fold_bn import FoldBatchNorm
 from ..quant.layer import LayerSpec
 from ..quant.plan import model_fingerprint
-from .graph import static_shape
+from .graph import static_shape, tensor_dims
 from .layers import FoundLayer, find_layers
+
+log = logging.getLogger("flexiq_tvm")
 
 
 @dataclass
@@ -29,6 +32,13 @@ class FloatModel:
     input_shape: Tuple[int, ...]          # per sample (no batch axis)
     layers: List[FoundLayer] = field(default_factory=list)
     act_matmuls: List[str] = field(default_factory=list)   # activation x activation matmuls, kept float
+    # the batch the graph itself pins (a fixed-batch export that could not be freed); None: any batch
+    fixed_batch: Optional[int] = None
+    pin_reason: str = ""
+    # static re-import at a batch size, for graphs whose shape arithmetic folds only at a known batch
+    at_batch: Optional[Callable[[int], tvm.IRModule]] = field(default=None, repr=False)
+    import_check: Optional[dict] = None     # TVM vs ONNX Runtime FP32 (ort_check.py), when it ran
+    _at_cache: Dict[int, Tuple[tvm.IRModule, List[FoundLayer]]] = field(default_factory=dict, repr=False)
 
     @property
     def specs(self) -> List[LayerSpec]:
@@ -41,6 +51,38 @@ class FloatModel:
     @property
     def fingerprint(self) -> str:
         return model_fingerprint(self.specs)
+
+    def batch_for(self, requested: int) -> int:
+        """The batch a stage runs at: what it asked for, unless the graph pins its own."""
+        return int(self.fixed_batch) if self.fixed_batch else max(1, int(requested))
+
+    def check_batch(self, batch: int, what: str = "batch_size") -> int:
+        batch = int(batch)
+        if batch < 1:
+            raise ValueError(f"{what} must be >= 1, got {batch}")
+        if self.fixed_batch and batch != self.fixed_batch:
+            raise ModelError(f"{self.source}: the graph pins the batch at {self.fixed_batch} ({self.pin_reason}); "
+                             f"{what}={batch} is not possible. Use {what}={self.fixed_batch} (inputs run in chunks "
+                             f"of {self.fixed_batch}, the last one padded), or re-export the model with a dynamic "
+                             "batch axis (torch.onnx.export(..., dynamic_axes={name: {0: 'N'}}))")
+        return batch
+
+    def at(self, batch: int) -> Tuple[tvm.IRModule, List[FoundLayer]]:
+        """(module, layers) whose `main` runs `batch` samples. For most models this is `mod` itself
+        (its batch axis is symbolic and each stage binds it); graphs that fold only at a concrete
+        batch are re-imported at that batch, once per size."""
+        batch = self.check_batch(batch)
+        if self.at_batch is None:
+            return self.mod, self.layers
+        hit = self._at_cache.get(batch)
+        if hit is None:
+            mod = prepare(self.at_batch(batch))
+            layers = find_layers(mod["main"], warn=False)
+            if model_fingerprint([l.spec for l in layers]) != self.fingerprint:
+                raise ModelError(f"{self.source}: the model's layers differ when imported at batch {batch} "
+                                 "(its graph depends on the batch size)")
+            hit = self._at_cache[batch] = (mod, layers)
+        return hit
 
     def check_inputs(self, x, what: str = "input") -> np.ndarray:
         """A float32 batch of this model's input, or a DataError naming what is wrong."""
@@ -115,32 +157,17 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
     return seq(mod)
 
 
-def _from_onnx(path: str):
-    import onnx
-    from tvm.relax.frontend.onnx import from_onnx
+def _from_onnx(path: str, input_shape=None):
+    from .onnx_import import import_onnx
 
-    if not os.path.exists(path):
-        raise ModelError(f"{path}: no such model file")
-    try:
-        proto = onnx.load(path)
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as e:
-        raise ModelError(f"{path}: malformed ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    inits = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise ModelError(f"{path}: FlexiQ handles single-input models; this one has inputs {[i.name for i in inputs]}")
-    try:
-        mod = from_onnx(proto)
-    except Exception as e:
-        ops = sorted({n.op_type for n in proto.graph.node})
-        raise ModelError(f"{path}: TVM's ONNX importer failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
-                         f"ops in the graph: {ops}") from None
-    name = os.path.splitext(os.path.basename(path))[0]
-    return mod, name, inputs[0].name
+    imported = import_onnx(path, input_shape=input_shape)
+    for note in imported.notes:
+        log.info("%s: %s", path, note)
+    if imported.fixed_batch:
+        log.warning("%s: the graph pins the batch at %d (%s): calibration, search and inference run in "
+                    "chunks of %d, the last one padded", path, imported.fixed_batch, imported.pin_reason,
+                    imported.fixed_batch)
+    return imported
 
 
 def _from_torch(module, example_inputs):
@@ -192,16 +219,22 @@ def _from_torch(module, example_inputs):
     return mod, type(module).__name__, "input"
 
 
-def load_model(source, example_inputs=None, params=None, name: Optional[str] = None) -> FloatModel:
+def load_model(source, example_inputs=None, params=None, name: Optional[str] = None, input_shape=None,
+               check: bool = True) -> FloatModel:
     """Import a model for FlexiQ.
 
     `source`: path of an ONNX file; a `tvm.IRModule` whose `main` takes one float32 NCHW (or tokens)
     input (extra parameters are bound from `params`, a list of arrays in order); or a
     `torch.nn.Module` together with `example_inputs`.
+    `input_shape`: the per-sample input shape (no batch axis), required when the ONNX file leaves
+    spatial or sequence dims dynamic (text detectors, fully convolutional nets); recorded in plans.
+    `check`: compare the import with ONNX Runtime FP32 once per file (when onnxruntime is installed).
     """
+    imported = None
     if isinstance(source, (str, os.PathLike)):
         src = os.fspath(source)
-        mod, default_name, input_name = _from_onnx(src)
+        imported = _from_onnx(src, input_shape)
+        mod, default_name, input_name = imported.mod, imported.name, imported.input_name
     elif isinstance(source, tvm.IRModule):
         src, mod, default_name = "IRModule", source, "relax_model"
         mod = _bind_params(mod, params)
@@ -221,13 +254,34 @@ def load_model(source, example_inputs=None, params=None, name: Optional[str] = N
                          f"got {len(main.params)} parameters")
     shape = static_shape(main.params[0])
     if shape is None:
-        raise ModelError(f"{src}: the input must have a static shape apart from the batch axis")
+        raise ModelError(f"{src}: the input must have a static shape apart from the batch axis "
+                         "(an ONNX file takes input_shape=... / --input-shape)")
+    if input_shape is not None and imported is None and tuple(int(d) for d in input_shape) != shape:
+        raise ModelError(f"{src}: input_shape {tuple(input_shape)} does not match the module's input {shape}")
     act_matmuls: list = []
     layers = find_layers(main, act_matmuls=act_matmuls)
     if not layers:
         warnings.warn(f"{src}: no quantizable layer found (conv2d or dense with constant weights)")
-    return FloatModel(mod=mod, name=name or default_name, source=src, input_name=input_name,
-                      input_shape=shape, layers=layers, act_matmuls=[str(v) for v in act_matmuls])
+    model = FloatModel(mod=mod, name=name or default_name, source=src, input_name=input_name,
+                       input_shape=shape, layers=layers, act_matmuls=[str(v) for v in act_matmuls])
+    batch_dim = tensor_dims(main.params[0])[0]
+    if imported is None and isinstance(batch_dim, tvm.tirx.IntImm):
+        model.fixed_batch = int(batch_dim)
+        model.pin_reason = f"{src}'s main declares batch {int(batch_dim)}"
+    if imported is not None:
+        model.fixed_batch, model.pin_reason = imported.fixed_batch, imported.pin_reason
+        if imported.at_batch is not None:
+            model.at_batch = imported.at_batch
+            batch = imported.fixed_batch or 1
+            model._at_cache[batch] = (mod, layers)
+        if check:
+            from .ort_check import check_against_ort
+
+            model.import_check = check_against_ort(imported, lambda b: model.at(b)[0], src)
+            if model.import_check is not None and not model.import_check.get("cached"):
+                log.info("%s: import checked against ONNX Runtime FP32: max |diff| %.3g", src,
+                         model.import_check["max_abs_diff"])
+    return model
 
 
 def _bind_params(mod: tvm.IRModule, params) -> tvm.IRModule:

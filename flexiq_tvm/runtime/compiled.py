@@ -36,20 +36,39 @@ class CompiledModel:
         self.batch_size = int(manifest["batch_size"])
         self.input_shape = tuple(manifest["input_shape"])
         self.target = manifest["target"]
-        self.device = device or tvm.cpu()
-        self.vm = relax.VirtualMachine(executable, self.device)
-        self._main = self.vm["main"]
+        # The device (and the VM on it) is created on first use, not here: a CUDA artifact can be
+        # built, ratio-set and exported on a build machine that has no GPU (cross-compiling).
+        self._device = device
+        self._vm = None
         self._cache = {}
         self.counts = np.zeros(self.plan.num_layers, dtype=np.int32)
         self._counts_tensor = None
         # accuracy recovery: which row of the compiled bias tables is live (None: no tables)
         self._bias_rows = None
-        if self.plan.bias_correction:
-            n = len(self.plan.bias_correction) + 1
-            self._bias_rows = [tvm.runtime.tensor(np.array([i], np.int32), self.device) for i in range(n)]
-        self._bias_row = self._bias_rows[0] if self._bias_rows else None
+        self._bias_row = None
+        self._row_index = 0 if self.plan.bias_correction else None
         self.ratio = None
         self.set_ratio(0.0)
+
+    @property
+    def device(self):
+        if self._device is None:
+            self._device = tvm.cpu()
+        return self._device
+
+    @property
+    def vm(self):
+        """The Relax VM on the artifact's device, created at the first call that needs the device."""
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, self.device)
+            self._main = self._vm["main"]
+            if self._row_index is not None:
+                n = len(self.plan.bias_correction) + 1
+                self._bias_rows = [tvm.runtime.tensor(np.array([i], np.int32), self.device) for i in range(n)]
+                self._bias_row = self._bias_rows[self._row_index]
+            self._counts_tensor = tvm.runtime.tensor(self.counts, self.device)
+            self._cache = {}
+        return self._vm
 
     # ---- ratio control ---------------------------------------------------------------------------
     def set_ratio(self, ratio: float) -> None:
@@ -58,18 +77,27 @@ class CompiledModel:
         if cached is None:
             r = check_ratio(ratio)
             counts = self.plan.counts_for_ratio(r)
-            row = self._bias_rows[self.plan.bias_row(r)] if self._bias_rows else None
-            cached = (counts, tvm.runtime.tensor(counts, self.device), row)
+            index = self.plan.bias_row(r) if self._row_index is not None else None
+            if self._vm is None:          # no device yet: remember the numbers only
+                self.counts, self._counts_tensor, self._row_index = counts, None, index
+                self.ratio = ratio
+                return
+            row = self._bias_rows[index] if self._bias_rows else None
+            cached = (counts, tvm.runtime.tensor(counts, self.device), row, index)
             self._cache[ratio] = cached
-        self.counts, self._counts_tensor, self._bias_row = cached
+        self.counts, self._counts_tensor, self._bias_row, self._row_index = cached
         self.ratio = ratio
 
     def set_counts(self, counts) -> None:
         """Per-layer numbers of 4-bit groups (any values in 0..n_groups of each layer)."""
         counts = self.plan.check_counts(counts)
         self.counts = counts
-        self._counts_tensor = tvm.runtime.tensor(counts, self.device)
-        self._bias_row = self._bias_rows[0] if self._bias_rows else None   # no correction off-level
+        self._row_index = 0 if self._row_index is not None else None    # no correction off-level
+        if self._vm is not None:
+            self._counts_tensor = tvm.runtime.tensor(counts, self.device)
+            self._bias_row = self._bias_rows[0] if self._bias_rows else None
+        else:
+            self._counts_tensor = None
         self.ratio = self.plan.mac_ratio(counts)
 
     @property
@@ -88,11 +116,13 @@ class CompiledModel:
 
     def runtime_args(self) -> list:
         """The run-time arguments of `main` after the input: counts (and the bias-table row)."""
+        self.vm                           # the device exists from here on
         return [self._counts_tensor] if self._bias_row is None else [self._counts_tensor, self._bias_row]
 
     def run_batch(self, x: np.ndarray):
         """One call of the compiled function on exactly `batch_size` samples (tvm tensors out)."""
-        return self._main(tvm.runtime.tensor(x, self.device), *self.runtime_args())
+        args = self.runtime_args()
+        return self._main(tvm.runtime.tensor(x, self.device), *args)
 
     def __call__(self, x) -> np.ndarray:
         arr = self._check(x)
@@ -151,7 +181,13 @@ def load_artifact(path, device=None) -> CompiledModel:
         with tvm_serialization_logs_filtered():
             lib = tvm.runtime.load_module(path)
     except Exception as e:
-        raise FlexiQError(f"{path}: not a loadable TVM artifact ({str(e).splitlines()[0][:200]})") from None
+        first = str(e).splitlines()[0][:200]
+        if "loader of that name is not registered" in first:
+            kind = first.split("{", 1)[-1].split("}", 1)[0] if "{" in first else "a device"
+            raise FlexiQError(f"{path}: the artifact holds {kind} code and this TVM runtime has no {kind} support; "
+                              f"load it where TVM was built with {kind} (building and exporting need no "
+                              f"device, running does)") from None
+        raise FlexiQError(f"{path}: not a loadable TVM artifact ({first})") from None
     try:
         vm = relax.VirtualMachine(lib, tvm.cpu())
         manifest = json.loads(str(vm[MANIFEST_FUNC]()))

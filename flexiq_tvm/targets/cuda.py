@@ -23,8 +23,12 @@ code and no constant.
 
 Options: ``arch`` (default ``sm_80``), ``tensor_cores`` (False: every layer on the CUDA-core
 path), ``allow_padded_groups`` (accept a plan whose ``group_size`` is not a multiple of 64: each
-group is zero-padded to 64 channels, exact but slower), ``nt`` / ``wm`` (GEMM tile: 8*nt output
-channels x 16*wm pixels per thread block).
+group is zero-padded to 64 channels, exact but slower), ``kernel`` (``"staged"``, the default: the
+cp.async / ldmatrix pipelined GEMM of issue 17; ``"direct"``: the first kernel, fragments straight
+from global memory), ``tiles`` (``{layer index: schedules.cuda.Tile}`` overriding the per-layer
+heuristic ``schedules.cuda.choose_tile``, the hook for tuned tiles), ``stages`` (pipeline depth of
+the staged kernel, default 3), ``nt`` / ``wm`` (tile of the direct kernel: 8*nt output channels x
+16*wm pixels per thread block).  ``report["tiles"]`` lists the tile chosen per layer.
 
 **Group sizes.** A 4-bit group must fill whole INT4 K-tiles (64 channels) for the per-group shift
 to be exact without padding: plans for this target should be made with
@@ -167,15 +171,21 @@ class CUDATarget(FlexiQTarget):
     supports_bias_rows = False
 
     def __init__(self, tvm_target=None, schedule: bool = True, arch: str = "sm_80", tensor_cores: bool = True,
-                 allow_padded_groups: bool = False, nt: int = 4, wm: int = 4):
+                 allow_padded_groups: bool = False, nt: int = 4, wm: int = 4, kernel: str = "staged",
+                 tiles: Optional[Dict[int, "cuda_sched.Tile"]] = None, stages: int = 3):
         super().__init__(tvm_target or cuda_target(arch))
         self.arch = str(self.tvm_target.attrs.get("arch", arch)) if tvm_target is not None else arch
         self.schedule = schedule
         self.tensor_cores = bool(tensor_cores)
         self.allow_padded_groups = bool(allow_padded_groups)
         self.nt, self.wm = int(nt), int(wm)
+        if kernel not in ("staged", "direct"):
+            raise FlexiQError(f"cuda target: kernel={kernel!r}; use 'staged' (default) or 'direct'")
+        self.kernel = kernel
+        self.tiles = dict(tiles or {})
+        self.stages = int(stages)
         self.int4_mma = cuda_sched.int4_native(self.arch)
-        self.report: Dict[str, list] = {"tensor_core_layers": [], "cuda_core_layers": []}
+        self.report: Dict[str, list] = {"tensor_core_layers": [], "cuda_core_layers": [], "tiles": []}
 
     # ---- kernels kept from compute.py (CUDA-core path) ----------------------------------------
     def schedule_kernel(self, func):
@@ -194,9 +204,11 @@ class CUDATarget(FlexiQTarget):
         if len(func.params) != 2:
             return None, "run-time tables or bias rows"
         try:
-            L, _, _ = extract_layer(func, {}, prims)
+            L = extract_layer(func, {}, prims)[0]   # (layer, x, counts[, bias row]): only the layer
         except Exception as e:  # noqa: BLE001
             return None, f"not re-lowerable ({str(e).splitlines()[0][:80]})"
+        if getattr(L, "relu", False):   # the GEMM epilogue has no activation: keep such a layer as it is
+            return None, "activation inside the layer function"
         if L.groups != 1:
             return None, "grouped / depthwise conv"
         if L.C < TC_MIN_CHANNELS:
@@ -222,8 +234,13 @@ class CUDATarget(FlexiQTarget):
             shp = cuda_sched.GemmShape(N=L.N, Hp=1, Wp=1, O=L.O, OH=1, OW=1, dense=True)
             qf = cuda_sched.quantize_tc((L.N, L.C), lay, act_scale, L.unsigned)
             y_shape = [L.N, L.O]
+        tile = None
+        if self.kernel == "staged":
+            tile = self.tiles.get(int(L.layer)) or cuda_sched.choose_tile(
+                shp.M, shp.O, sms=cuda_sched.SM_COUNT.get(self.arch, 132), stages=self.stages)
+            self.report["tiles"].append((index, L.layer, shp.M, shp.O, int(lay.Kc * shp.KH * shp.KW), tile))
         gf = cuda_sched.gemm_tc(shp, lay, L.layer, num_layers, L.unsigned, int4_mma=self.int4_mma, mode="cuda",
-                                nt=self.nt, wm=self.wm)
+                                nt=self.nt, wm=self.wm, kernel=self.kernel, tile=tile)
         qf = cuda_sched.schedule_elementwise(qf, "xq")
         x = relax.Var("x", x_ty)
         counts = relax.Var("counts", counts_ty)
@@ -252,7 +269,7 @@ class CUDATarget(FlexiQTarget):
         """Replace the FlexiQ layer functions that suit the tensor cores (see the module doc)."""
         from ..passes.flexiq_rewrite import LAYER_FUNC_PREFIX
 
-        self.report = {"tensor_core_layers": [], "cuda_core_layers": []}
+        self.report = {"tensor_core_layers": [], "cuda_core_layers": [], "tiles": []}
         prims = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
         layers = sorted(((gv, f) for gv, f in mod.functions_items()
                          if isinstance(f, relax.Function) and gv.name_hint.startswith(LAYER_FUNC_PREFIX)),
@@ -285,8 +302,10 @@ class CUDATarget(FlexiQTarget):
         from ..api import _as_model, _as_plan
         from ..passes.flexiq_rewrite import flexiq_rewrite
 
-        model, plan = _as_model(model), _as_plan(plan)
-        return self.build(flexiq_rewrite(model.mod, model.layers, plan, int(batch_size)))
+        plan = _as_plan(plan)
+        model = _as_model(model, plan)
+        batch_size = model.check_batch(batch_size)
+        return self.build(flexiq_rewrite(*model.at(batch_size), plan, batch_size))
 
     def device(self):
         return tvm.cuda(0)

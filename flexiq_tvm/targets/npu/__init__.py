@@ -8,8 +8,9 @@ MACs, reached through TVM's BYOC flow and executed by a bit-exact, cycle-countin
     config.py     NPUConfig (array, SRAMs, DMA, vector unit, clock) and its validation
     stats.py      decoding of the per-layer cycle table behind `CompiledModel.npu_stats()`
 
-Whatever the NPU does not take (residual adds, pooling, reshapes, layers that do not fit) is
-built for the host (llvm) in the same artifact.
+The NPU takes the FlexiQ layers (with a fused ReLU / ReLU6, per-ratio bias rows and dynamic
+extraction) and the residual adds between them (vector unit); whatever it does not take (pooling,
+reshapes, attention, layers that do not fit) is built for the host (llvm) in the same artifact.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _feasible_layers(mod: tvm.IRModule, cfg: NPUConfig):
         if not (isinstance(f, relax.Function) and gv.name_hint.startswith(LAYER_FUNC_PREFIX)):
             continue
         try:
-            L, _, _ = extract_layer(f, {}, prims)
+            L, _, _, _ = extract_layer(f, {}, prims)
         except Exception as e:           # not a layer shape the NPU knows: host
             warnings.warn(f"flexiq npu: {gv.name_hint} stays on the host ({e})")
             continue
@@ -52,14 +53,36 @@ def _feasible_layers(mod: tvm.IRModule, cfg: NPUConfig):
     return ok
 
 
+def _level_counts(mod: tvm.IRModule):
+    """Per standard ratio level, the per-layer counts of the plan being built (read from the artifact
+    manifest that fq.compile adds): the compiler picks one mapping per layer and level. None when the
+    module carries no manifest (then the mapping is chosen for K4 in {0, n/2, n})."""
+    import json
+
+    from ...quant.plan import Plan
+    from ...quant.schedule import STANDARD_LEVELS
+    from ...runtime.compiled import MANIFEST_FUNC
+
+    f = next((f for gv, f in mod.functions_items() if gv.name_hint == MANIFEST_FUNC), None)
+    if f is None:
+        return None
+    try:
+        body = f.body.body if hasattr(f.body, "body") else f.body
+        plan = Plan.loads(json.loads(str(body.value))["plan"])
+        return [plan.counts_for_ratio(r) for r in STANDARD_LEVELS]
+    except Exception as e:                                   # a manifest of another shape: default levels
+        warnings.warn(f"flexiq npu: cannot read the plan's ratio levels from the manifest ({e})")
+        return None
+
+
 @register_target("npu")
 class NPUTarget(LLVMTarget):
     """FlexiQ layers on the simulated NPU, everything else on the host CPU (llvm)."""
 
     name = "npu"
-    # per-ratio bias tables (accuracy recovery) would need a second run-time register selecting the
-    # bias row in the vector unit: not built yet, so fq.compile drops the corrections with a warning
-    supports_bias_rows = False
+    # per-ratio bias tables (accuracy recovery): LDREG also loads the bias-row register from the
+    # `bias_row` argument, and the vector unit adds that row of the layer's bias table
+    supports_bias_rows = True
 
     def __init__(self, tvm_target=None, schedule: bool = True, npu_config=None, merge: bool = True):
         super().__init__(tvm_target, schedule)
@@ -76,8 +99,9 @@ class NPUTarget(LLVMTarget):
         params = mod["main"].params
         counts = next((p for p in params if str(getattr(p, "name", "")) == "counts"), params[1])
         num_layers = int(counts.ty.shape.values[0])
+        levels = _level_counts(mod)
         mod = self.partition(mod)
-        with build_context(mod, self.config, num_layers) as ctx:
+        with build_context(mod, self.config, num_layers, levels) as ctx:
             mod = relax.transform.RunCodegen()(mod)
             self.programs = dict(ctx.get("programs", {}))
         if self.programs:

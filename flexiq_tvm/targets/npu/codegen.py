@@ -34,10 +34,12 @@ from .config import NPUConfig
 
 CODEGEN = "flexiq_npu"
 STATS_FUNC = "flexiq_npu_stats"
-STATS_COLS = 12
-OP = {"LDREG": 1, "QUANT": 2, "LDX": 3, "LDW": 4, "GEMM": 5, "VEC": 6, "ST": 7, "SYNC": 8}
+STATS_COLS = 16
+OP = {"LDREG": 1, "QUANT": 2, "LDX": 3, "LDW": 4, "GEMM": 5, "VEC": 6, "ST": 7, "SYNC": 8, "DWGEMM": 9,
+      "PREF": 10, "ADD": 11}
 IW = 12
 MAX_REQ = 8
+MAX_VARIANTS = 9         # mapping variants per layer (LDREG words 3..11)
 
 _RUNTIME_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime.c")
 
@@ -47,11 +49,11 @@ _CTX: Dict[str, object] = {}
 
 
 @contextlib.contextmanager
-def build_context(mod: tvm.IRModule, config: NPUConfig, num_layers: int):
+def build_context(mod: tvm.IRModule, config: NPUConfig, num_layers: int, levels=None):
     prims = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     old = dict(_CTX)
     _CTX.clear()
-    _CTX.update(prims=prims, config=config, num_layers=num_layers, programs={})
+    _CTX.update(prims=prims, config=config, num_layers=num_layers, programs={}, levels=levels)
     try:
         yield _CTX
     finally:
@@ -84,18 +86,41 @@ class NPULayer:
     PR: int = 0
     groups: int = 1
     unsigned: bool = False
-    relu: bool = False
+    relu: bool = False               # a fused activation clamp(y, act_lo, act_hi): ReLU or ReLU6 (clip)
+    act_lo: float = 0.0
+    act_hi: float = float("inf")
     act_scale: float = 1.0
+    dynamic: bool = False            # dynamic extraction: act_shift_c holds per-group offsets
+    samples: int = 1                 # samples in N (dense layers fold tokens into N)
     weight: np.ndarray = None        # (O, Cg, KH, KW) int8
     rank: np.ndarray = None          # (C,) int32
     act_shift_c: np.ndarray = None   # (C,) int32
     weight_shift: np.ndarray = None  # (O, n_groups) int32
     scale: np.ndarray = None         # (O,) f32
-    bias: np.ndarray = None          # (O,) f32
+    bias: np.ndarray = None          # (O,) f32, or (rows, O): per-ratio bias rows picked at run time
     # program wiring
     in_param: int = -1
     out_index: int = -1
     req: List[int] = field(default_factory=list)
+    in_onchip: bool = False          # the INT8 input stays in the ABUF (set by the program's allocator)
+    req_off: int = 0                 # consumers whose INT8 copy goes to DRAM (ABUF full)
+    req_dyn: int = 0                 # consumers with dynamic extraction (the vector unit tracks maxima)
+    fadd: List[int] = field(default_factory=list)   # float copies for residual adds: add * 2 + operand
+    fadd_off: int = 0                # of which go through DRAM (ABUF full)
+    spill: str = ""                  # why the layer does not run from SRAM alone (empty: it does)
+
+    @property
+    def depthwise(self):
+        """One input and one output channel per conv group: mapped channels-across-columns."""
+        return self.groups > 1 and self.Cg == 1 and self.opg == 1
+
+    @property
+    def bias_table(self):
+        return self.bias.reshape(-1, self.O)
+
+    @property
+    def in_bytes(self):
+        return self.N * self.C * self.H * self.W
 
     @property
     def Cg(self):
@@ -120,6 +145,24 @@ class NPULayer:
     @property
     def macs(self):
         return self.N * self.O * self.OH * self.OW * self.Cg * self.KH * self.KW
+
+
+@dataclass
+class NPUAdd:
+    """A residual add `a + b` of two float32 tensors on the vector unit. Its operands are float
+    copies written by their producers (layers or adds; in the ABUF when they fit) or host inputs."""
+    n: int                                             # elements
+    shape: Tuple[int, ...] = ()
+    in_param: List[int] = field(default_factory=lambda: [-1, -1])
+    out_index: int = -1
+    req: List[int] = field(default_factory=list)       # layers reading a requantized INT8 copy
+    fadd: List[int] = field(default_factory=list)      # adds reading a float copy (add * 2 + operand)
+    onchip: List[bool] = field(default_factory=lambda: [True, True])   # operand copies in the ABUF
+    act: bool = False                                  # fused ReLU / ReLU6: clamp(a + b, act_lo, act_hi)
+    act_lo: float = 0.0
+    act_hi: float = float("inf")
+    fadd_off: int = 0
+    req_off: int = 0
 
 
 # This wheel has no Python TIR visitor (no tirx.stmt_functor), so the few numbers the codegen needs
@@ -147,7 +190,10 @@ def _quantize_geometry(qf) -> Tuple[float, int, int]:
         raise ValueError("quantize_act kernel without a constant scale")
     scale = float(np.float32(float(m.group(1))))
     pt = pl = 0
-    loads = [a for a in _accesses(qf, ("x",)) if len(a) == 4]
+    # dynamic kernels read the input unpadded in stage q0 and pad in the last stage (reads of q0
+    # at the output's h, w); static kernels pad while reading x
+    loads = [a for a in _accesses(qf, ("q0",)) if len(a) == 4 and "h" in a[2]] or \
+        [a for a in _accesses(qf, ("x",)) if len(a) == 4]
     if loads:
         pt = -_eval_index(loads[0][2], {})
         pl = -_eval_index(loads[0][3], {})
@@ -180,10 +226,13 @@ def _shape(ty):
 
 
 def extract_layer(comp: relax.Function, arg_of_param, prims) -> Tuple[NPULayer, object, object]:
-    """Reads one composite (FlexiQ layer [+ ReLU]); returns (layer, x expr, counts expr) where the
-    exprs are the outer-function arguments bound to the layer's input and counts."""
+    """Reads one composite (FlexiQ layer [+ ReLU / ReLU6]); returns (layer, x expr, counts expr,
+    bias-row expr or None) where the exprs are the outer-function arguments bound to the layer's
+    input, counts and bias row."""
     calls = {}
-    relu = False
+    relu, act_lo, act_hi = False, 0.0, float("inf")
+    bound = {}
+    take = None
 
     def resolve(e):
         if isinstance(e, relax.Var) and e in arg_of_param:
@@ -193,17 +242,28 @@ def extract_layer(comp: relax.Function, arg_of_param, prims) -> Tuple[NPULayer, 
     for block in comp.body.blocks:
         for b in block.bindings:
             v = b.value
+            bound[b.var] = v
             if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op):
                 if v.op.name == "relax.call_tir":
                     kind = str(prims[v.args[0].name_hint].attrs[KERNEL_ATTR])
                     calls[kind] = v
                 elif v.op.name == "relax.nn.relu":
                     relu = True
+                elif v.op.name in ("relax.clip", "relax.maximum", "relax.minimum"):
+                    from .partition import act_bounds
+
+                    lo, hi = act_bounds(relax.Call(v.op, [resolve(a) for a in v.args], v.attrs))
+                    relu = True
+                    if v.op.name in ("relax.clip", "relax.maximum"):
+                        act_lo = lo
+                    if v.op.name in ("relax.clip", "relax.minimum"):
+                        act_hi = hi
+                elif v.op.name == "relax.take":
+                    take = v
     q, wl = calls["quantize_act"], calls["lower_weight"]
-    if bool(prims[q.args[0].name_hint].attrs.get("flexiq.dynamic", False)):
-        raise ValueError("dynamic activation extraction is not implemented on the NPU")
     kcall = calls["conv2d_int8"] if "conv2d_int8" in calls else calls["dense_int8"]
     qf, kf = prims[q.args[0].name_hint], prims[kcall.args[0].name_hint]
+    dynamic = bool(qf.attrs.get("flexiq.dynamic", False))
     qargs, wargs, kargs = q.args[1].fields, wl.args[1].fields, kcall.args[1].fields
     x_expr, counts_expr = resolve(qargs[0]), resolve(qargs[1])
     op = "conv2d" if str(kf.attrs[KERNEL_ATTR]) == "conv2d_int8" else "dense"
@@ -211,13 +271,24 @@ def extract_layer(comp: relax.Function, arg_of_param, prims) -> Tuple[NPULayer, 
     w = _const(resolve(wargs[0])).astype(np.int8)
     x_shape = _shape(qargs[0].ty)
     y_shape = _shape(kcall.ty)
+    bias_row_expr = None
+    bias_arg = resolve(kargs[3])
+    if isinstance(bias_arg, (tvm.ir.GenericConst, tvm.ir.Constant)):
+        bias = _const(bias_arg).astype(np.float32)
+    else:
+        # accuracy recovery: bias = reshape(take(table, bias_row, axis=0, mode="clip"))
+        if take is None:
+            raise ValueError("the bias is neither a constant nor a bias-table row")
+        bias = _const(resolve(take.args[0])).astype(np.float32)
+        bias_row_expr = resolve(take.args[1])
     common = dict(layer=int(qf.attrs["flexiq.layer_index"]), unsigned=bool(qf.attrs["flexiq.unsigned"]),
-                  relu=relu, act_scale=scale_x,
+                  relu=relu, act_lo=act_lo, act_hi=act_hi, act_scale=scale_x, dynamic=dynamic,
+                  samples=int(x_shape[0]),
                   rank=_const(resolve(qargs[2])).astype(np.int32),
                   act_shift_c=_const(resolve(qargs[3])).astype(np.int32),
                   weight_shift=np.ascontiguousarray(_const(resolve(wargs[3])), np.int32).reshape(w.shape[0], -1),
                   scale=_const(resolve(kargs[2])).astype(np.float32),
-                  bias=_const(resolve(kargs[3])).astype(np.float32))
+                  bias=bias)
     if op == "conv2d":
         N, C, H, W = x_shape
         _, O, OH, OW = y_shape
@@ -230,19 +301,24 @@ def extract_layer(comp: relax.Function, arg_of_param, prims) -> Tuple[NPULayer, 
         if (Hp - dh * (L.KH - 1) - 1) // sh + 1 != OH or (Wp - dw * (L.KW - 1) - 1) // sw + 1 != OW:
             raise ValueError(f"layer {L.layer}: recovered conv geometry does not reproduce its output shape")
     else:
-        M, C = x_shape
+        M, C = _shape(kargs[0].ty)
         O = y_shape[1]
         L = NPULayer(name="", op=op, N=M, C=C, H=1, W=1, O=O, OH=1, OW=1, weight=w.reshape(O, C, 1, 1), **common)
-    return L, x_expr, counts_expr
+    if L.N % L.samples:
+        raise ValueError(f"layer {L.layer}: {L.N} rows are not a whole number of {L.samples} samples")
+    if L.bias.size % L.O:
+        raise ValueError(f"layer {L.layer}: bias table of {L.bias.size} values for {L.O} output channels")
+    return L, x_expr, counts_expr, bias_row_expr
 
 
 # --------------------------------------------------------------------------- tiling
-@dataclass
+@dataclass(frozen=True)
 class Tiling:
-    jc: int          # input channels (of a conv group) per K chunk
-    ob: int          # output channels per n-block
+    jc: int          # input channels (of a conv group) per K chunk; depthwise: channels per block
+    ob: int          # output channels per n-block (depthwise: = jc)
     ohlen: int       # output rows per m-block (per image)
     nlen: int        # images per m-block (> 1 only when ohlen == OH)
+    order: str = "mo"   # loop order: "mo" m-blocks outside o-blocks, "om" o-blocks outside (weights stay)
 
     def chunks(self, Cg):
         return [(j, min(self.jc, Cg - j)) for j in range(0, Cg, self.jc)]
@@ -252,9 +328,41 @@ def _rows_needed(L: NPULayer, ohlen: int) -> int:
     return (ohlen - 1) * L.SH + (L.KH - 1) * L.DH + 1
 
 
-def plan_tiles(L: NPULayer, cfg: NPUConfig) -> Optional[Tiling]:
-    """Largest tiles that fit one SRAM bank each (half of each SRAM: the other half is the double
-    buffer). None when not even one output row of one channel fits."""
+def _fit_rows(L: NPULayer, cfg: NPUConfig, in_per_row_ch: int, jc: int, ob: int, cap: int):
+    """(ohlen, nlen): the most output rows (then images) whose patch and accumulators fit a bank."""
+    IB, OB = cfg.ibuf_bytes // 2, cfg.obuf_bytes // 2
+    for oh in range(min(cap, L.OH), 0, -1):
+        if jc * _rows_needed(L, oh) * L.Wp <= IB and oh * L.OW * ob * 4 <= OB:
+            nlen = 1
+            if oh == L.OH:
+                nlen = max(1, min(L.N, IB // (jc * _rows_needed(L, L.OH) * L.Wp), OB // (L.OH * L.OW * ob * 4)))
+            return oh, nlen
+    return 0, 0
+
+
+def _dw_tiles(L: NPULayer, cfg: NPUConfig) -> List[Tiling]:
+    WB = cfg.wbuf_bytes // 2
+    KK = L.KH * L.KW
+    out = []
+    for jc in sorted({min(L.C, cfg.cols * m) for m in (1, 2, 4, 8, 16, 1024)}, reverse=True):
+        if jc * KK > WB:
+            continue
+        oh, nlen = _fit_rows(L, cfg, L.Wp, jc, jc, L.OH)
+        if oh:
+            out.append(Tiling(jc=jc, ob=jc, ohlen=oh, nlen=nlen))
+            oh2, _ = _fit_rows(L, cfg, L.Wp, jc, jc, max(1, oh // 2))
+            if oh2 and oh2 < oh:
+                out.append(Tiling(jc=jc, ob=jc, ohlen=oh2, nlen=1))
+    return out
+
+
+def candidate_tilings(L: NPULayer, cfg: NPUConfig) -> List[Tiling]:
+    """The mapping space of one layer (small, so the compiler tries all of it per ratio level):
+    the largest tiles that fit one SRAM bank each (half of each SRAM: the other half is the double
+    buffer), narrower output blocks, shorter m-blocks, and both loop orders. Empty when not even
+    one output row of one channel fits."""
+    if L.depthwise:
+        return _dw_tiles(L, cfg)
     IB, WB, OB = cfg.ibuf_bytes // 2, cfg.wbuf_bytes // 2, cfg.obuf_bytes // 2
     KK = L.KH * L.KW
     rows1 = _rows_needed(L, 1)
@@ -264,8 +372,8 @@ def plan_tiles(L: NPULayer, cfg: NPUConfig) -> Optional[Tiling]:
         min_ob = 1
         jc = min(L.Cg, WB // KK, IB // (rows1 * L.Wp))
         if jc < 1:
-            return None
-    # output channels per block: as many as the weight bank holds (multiple of the array width)
+            return []
+    obs = []
     ob = min(L.opg, WB // (jc * KK))
     if ob > cfg.cols:
         ob = ob // cfg.cols * cfg.cols
@@ -275,72 +383,207 @@ def plan_tiles(L: NPULayer, cfg: NPUConfig) -> Optional[Tiling]:
         if ob > cfg.cols:
             ob = ob // cfg.cols * cfg.cols
         if L.OW * ob * 4 > OB:
-            return None
-    # output rows per block: bounded by the input bank (patch rows) and the accumulator bank
-    ohlen = 0
-    for oh in range(L.OH, 0, -1):
-        if jc * _rows_needed(L, oh) * L.Wp <= IB and oh * L.OW * ob * 4 <= OB:
-            ohlen = oh
-            break
-    if ohlen == 0:
-        return None
-    nlen = 1
-    if ohlen == L.OH:
-        per_img_in = jc * _rows_needed(L, L.OH) * L.Wp
-        per_img_out = L.OH * L.OW * ob * 4
-        nlen = max(1, min(L.N, IB // per_img_in, OB // per_img_out))
-    return Tiling(jc=jc, ob=ob, ohlen=ohlen, nlen=nlen)
+            return []
+    obs.append(ob)
+    for o2 in (ob // 2 // cfg.cols * cfg.cols, cfg.cols):
+        if 0 < o2 < ob and o2 not in obs:
+            obs.append(o2)
+    out = []
+    for ob in obs:
+        oh, nlen = _fit_rows(L, cfg, L.Wp, jc, ob, L.OH)
+        if not oh:
+            continue
+        shapes = [(oh, nlen)]
+        oh2, _ = _fit_rows(L, cfg, L.Wp, jc, ob, max(1, oh // 2))
+        if oh2 and oh2 < oh:
+            shapes.append((oh2, 1))
+        for ohl, nl in shapes:
+            multi = (len(range(0, L.opg, ob)) > 1) and (L.N > nl or L.OH > ohl)
+            for order in (("mo", "om") if multi else ("mo",)):
+                out.append(Tiling(jc=jc, ob=ob, ohlen=ohl, nlen=nl, order=order))
+    return out
 
 
-def emit_layer(L: NPULayer, li: int, t: Tiling, code: List[List[int]]):
-    """Instruction stream of one layer (li = index in the program's layer table)."""
-    def ins(op, *f):
-        row = [OP[op], li] + [int(v) for v in f]
-        code.append(row + [0] * (IW - len(row)))
+def plan_tiles(L: NPULayer, cfg: NPUConfig) -> Optional[Tiling]:
+    """The default (largest) tiling, or None when the layer cannot be tiled to the SRAMs."""
+    c = candidate_tilings(L, cfg)
+    return c[0] if c else None
 
-    ins("LDREG")
-    if L.in_param >= 0:
-        ins("QUANT", L.in_param)
-    chunks = t.chunks(L.Cg)
-    oblocks = [(o, min(t.ob, L.opg - o)) for o in range(0, L.opg, t.ob)]
+
+def _steps(L: NPULayer, t: Tiling):
+    """(loads, gemm, block_end, obank) per step of one mapping; banks alternate per load."""
+    steps = []
+    xb = wb = obk = 1
     mblocks = []
     for n0 in range(0, L.N, t.nlen):
         for oh0 in range(0, L.OH, t.ohlen):
             mblocks.append((n0, min(t.nlen, L.N - n0), oh0, min(t.ohlen, L.OH - oh0)))
-    w_resident = len(oblocks) == 1 and len(chunks) == 1
-    x_reuse = len(chunks) == 1
-    # steps: (loads, gemm, block_end)
-    steps = []
-    xb = wb = obk = 1
-    for gi in range(L.groups):
-        w_loaded = False
-        for (n0, nl, oh0, ohl) in mblocks:
-            x_loaded = False
-            for (o0, ol) in oblocks:
+    if L.depthwise:
+        for c0 in range(0, L.C, t.jc):
+            cl = min(t.jc, L.C - c0)
+            w_loaded = False
+            for (n0, nl, oh0, ohl) in mblocks:
                 obk ^= 1
-                for ci, (j0, jl) in enumerate(chunks):
-                    loads = []
-                    if not (x_reuse and x_loaded):
-                        xb ^= 1
-                        loads.append(("LDX", xb, gi, n0, nl, oh0, ohl, j0, jl))
-                        x_loaded = True
-                    if not (w_resident and w_loaded):
-                        wb ^= 1
-                        loads.append(("LDW", wb, gi, o0, ol, j0, jl))
-                        w_loaded = True
-                    steps.append((loads, ("GEMM", xb, wb, obk, 1 if ci else 0), ci == len(chunks) - 1, obk))
-    # software pipelining: the loads of step s+1 are issued before the GEMM of step s
+                loads = []
+                if not w_loaded:
+                    wb ^= 1
+                    loads.append(("LDW", wb, -1, c0, cl, 0, 1))
+                    w_loaded = True
+                xb ^= 1
+                loads.append(("LDX", xb, -1, n0, nl, oh0, ohl, c0, cl))
+                steps.append((loads, ("DWGEMM", xb, wb, obk, 0), True, obk))
+        return steps
+    chunks = t.chunks(L.Cg)
+    oblocks = [(o, min(t.ob, L.opg - o)) for o in range(0, L.opg, t.ob)]
+    single = len(chunks) == 1
+    for gi in range(L.groups):
+        if t.order == "mo":
+            pairs = [(mb, ob) for mb in mblocks for ob in oblocks]
+        else:
+            pairs = [(mb, ob) for ob in oblocks for mb in mblocks]
+        cur_x = cur_w = None
+        for (mb, obl) in pairs:
+            (n0, nl, oh0, ohl), (o0, ol) = mb, obl
+            obk ^= 1
+            for ci, (j0, jl) in enumerate(chunks):
+                loads = []
+                if not (single and cur_w == (o0, ol)):
+                    wb ^= 1
+                    loads.append(("LDW", wb, gi, o0, ol, j0, jl))
+                    cur_w = (o0, ol)
+                if not (single and cur_x == mb):
+                    xb ^= 1
+                    loads.append(("LDX", xb, gi, n0, nl, oh0, ohl, j0, jl))
+                    cur_x = mb
+                steps.append((loads, ("GEMM", xb, wb, obk, 1 if ci else 0), ci == len(chunks) - 1, obk))
+    return steps
+
+
+def emit_variant(L: NPULayer, li: int, t: Tiling, pref_next: Optional[int]) -> List[List[int]]:
+    """Instruction stream of one mapping of one layer (li: slot in the program's layer table).
+    Starts with its first weight load (flag word 11 = 1, so that the previous layer's PREF can take
+    it over) unless the layer quantizes a host input first; ends with SYNC (patched: next pc)."""
+    code: List[List[int]] = []
+
+    def ins(op, *f, flag=0):
+        row = [OP[op], li] + [int(v) for v in f]
+        row = row + [0] * (IW - len(row))
+        row[11] = flag
+        code.append(row)
+
+    if L.in_param >= 0:
+        ins("QUANT", L.in_param)
+    steps = _steps(L, t)
+    first = True
     for ld in steps[0][0]:
-        ins(*ld)
+        ins(*ld, flag=int(first and ld[0] == "LDW" and L.in_param < 0))
+        first = False
     for s, (loads, gemm, end, ob) in enumerate(steps):
         if s + 1 < len(steps):
             for ld in steps[s + 1][0]:
                 ins(*ld)
         ins(*gemm)
+        if s + 1 == len(steps) and pref_next is not None:
+            # after the last GEMM: the other weight bank is free (functionally and in time)
+            ins("PREF", pref_next, 0)          # word 3 (the next layer's LDREG pc) is patched later
         if end:
             ins("VEC", ob)
             ins("ST", ob)
-    ins("SYNC")
+    ins("SYNC", 0, int(bool(L.spill)))
+    return code
+
+
+# --------------------------------------------------------------------------- mapping choice
+def _group_runs(L: NPULayer, gi: int) -> np.ndarray:
+    ranks = L.rank[gi * L.Cg:(gi + 1) * L.Cg] if not L.depthwise else L.rank
+    return np.sort(ranks, kind="stable")
+
+
+def estimate_cycles(L: NPULayer, cfg: NPUConfig, code: List[List[int]], k4: int) -> int:
+    """The simulator's scoreboard (runtime.c) replayed in Python for one layer alone, input ready at
+    0 and no prefetch: the compiler's cost model for choosing a mapping per ratio level. It uses the
+    same cycle formulas; tests check it against the simulator."""
+    KK = L.KH * L.KW
+    R, Cc = cfg.rows, cfg.cols
+    dma = arr = vec = 0
+    xr = [0, 0]; xf = [0, 0]; wr = [0, 0]; wf = [0, 0]; orr = [0, 0]; of = [0, 0]
+    xm = [None, None]; wm = [None, None]
+    end = 0
+    sorted_ranks = {}
+    for row in code:
+        op = row[0]
+        if op == OP["QUANT"]:
+            n = L.in_bytes
+            d = cfg.dma_setup_cycles + -(-n * (4 if L.in_onchip else 5) // cfg.dma_bytes_per_cycle)
+            v = -(-n // cfg.vector_lanes) * (2 if L.dynamic else 1)
+            s = max(dma, vec)
+            dma = vec = s + max(d, v)
+            end = max(end, dma)
+        elif op == OP["LDX"]:
+            b, gi, n0, nl, oh0, ohl, j0, jl = row[2:10]
+            rows = _rows_needed(L, ohl)
+            by = nl * jl * rows * L.Wp
+            d = (2 + -(-by // cfg.sram_bytes_per_cycle)) if L.in_onchip else \
+                (cfg.dma_setup_cycles + -(-by // cfg.dma_bytes_per_cycle))
+            s = max(dma, xf[b])
+            dma = xr[b] = s + d
+            xm[b] = (gi, nl, ohl, j0, jl)
+            end = max(end, dma)
+        elif op == OP["LDW"]:
+            b, gi, o0, ol, j0, jl = row[2:8]
+            by = ol * jl * KK
+            s = max(dma, wf[b])
+            dma = wr[b] = s + cfg.dma_setup_cycles + -(-by // cfg.dma_bytes_per_cycle)
+            wm[b] = (gi, o0, ol, j0, jl)
+            end = max(end, dma)
+        elif op in (OP["GEMM"], OP["DWGEMM"]):
+            xb, wb, ob, acc = row[2:6]
+            gi, nl, ohl, j0, jl = xm[xb]
+            mrows = nl * ohl * L.OW
+            if gi not in sorted_ranks:
+                sorted_ranks[gi] = _group_runs(L, max(gi, 0))
+            rk = sorted_ranks[gi][j0:j0 + jl]
+            if op == OP["DWGEMM"]:
+                mp = -(-mrows // R)
+                kc = 0
+                for c0 in range(0, jl, Cc):
+                    low = bool(np.all(rk[c0:c0 + Cc] < k4))
+                    kc += mp * max((KK + 1) // 2 if low else KK, cfg.drain_cycles)
+            else:
+                ol = wm[wb][2]
+                kcyc = 0
+                if len(rk):
+                    brk = np.flatnonzero(np.diff(rk)) + 1
+                    starts = np.concatenate([[0], brk]); ends = np.concatenate([brk, [len(rk)]])
+                    for a, e in zip(starts, ends):
+                        ln = (e - a) * KK
+                        kcyc += (ln + 1) // 2 if rk[a] < k4 else ln
+                kc = -(-mrows // R) * -(-ol // Cc) * max(kcyc, cfg.drain_cycles)
+            s = max(arr, xr[xb], wr[wb], orr[ob] if acc else of[ob])
+            dur = (cfg.fill_cycles if s > arr else 0) + kc
+            arr = s + dur
+            xf[xb] = max(xf[xb], arr); wf[wb] = max(wf[wb], arr)
+            orr[ob] = arr; of[ob] = max(of[ob], arr)
+            end = max(end, arr)
+            last_m = mrows * (jl if op == OP["DWGEMM"] else wm[wb][2])
+            last_ob = ob
+        elif op == OP["VEC"]:
+            b = row[2]
+            v = -(-last_m // cfg.vector_lanes) * (max(1, len(L.req) + len(L.fadd)) + L.req_dyn)
+            s = max(vec, orr[b])
+            vec = orr[b] = s + v
+            of[b] = max(of[b], vec)
+            end = max(end, vec)
+        elif op == OP["ST"]:
+            b = row[2]
+            by = last_m * ((4 if L.out_index >= 0 else 0) + L.req_off + 4 * L.fadd_off)
+            s = max(dma, orr[b])
+            d = (cfg.dma_setup_cycles + -(-by // cfg.dma_bytes_per_cycle)) if by else 0
+            if by:
+                dma = s + d
+            of[b] = max(of[b], s + d)
+            end = max(end, s + d)
+    return end
 
 
 # --------------------------------------------------------------------------- C source
@@ -368,52 +611,177 @@ class _Blob:
         return "\n".join(lines), len(data)
 
 
-def _layer_c(L: NPULayer, blob: _Blob) -> str:
-    # weights with each conv group's input channels sorted into lowering order (rank, channel)
-    Cg, g, opg = L.Cg, L.groups, L.opg
-    chan = np.zeros((g, Cg), np.int32)
-    rankj = np.zeros((g, Cg), np.int32)
-    wn = np.zeros((g, opg, Cg, L.KH, L.KW), np.int8)
-    for gi in range(g):
-        ranks = L.rank[gi * Cg:(gi + 1) * Cg]
-        order = np.lexsort((np.arange(Cg), ranks))
-        chan[gi], rankj[gi] = order, ranks[order]
-        wn[gi] = L.weight[gi * opg:(gi + 1) * opg][:, order]
+def _layer_c(L: NPULayer, blob: _Blob, sel: np.ndarray) -> str:
+    if L.depthwise:
+        # depthwise: all C channels sorted into lowering order; weights [C][KH][KW] in that order
+        order = np.lexsort((np.arange(L.C), L.rank))
+        chan, rankj = order.astype(np.int32), L.rank[order].astype(np.int32)
+        wn = np.ascontiguousarray(L.weight.reshape(L.C, L.KH, L.KW)[order])
+    else:
+        # weights with each conv group's input channels sorted into lowering order (rank, channel)
+        Cg, g, opg = L.Cg, L.groups, L.opg
+        chan = np.zeros((g, Cg), np.int32)
+        rankj = np.zeros((g, Cg), np.int32)
+        wn = np.zeros((g, opg, Cg, L.KH, L.KW), np.int8)
+        for gi in range(g):
+            ranks = L.rank[gi * Cg:(gi + 1) * Cg]
+            order = np.lexsort((np.arange(Cg), ranks))
+            chan[gi], rankj[gi] = order, ranks[order]
+            wn[gi] = L.weight[gi * opg:(gi + 1) * opg][:, order]
     ex = np.zeros(L.n_groups, np.int32)
     ex[L.rank] = L.act_shift_c
+    table = L.bias_table
     offs = dict(w_off=blob.add(wn), chan_off=blob.add(chan), rank_off=blob.add(rankj), ex_off=blob.add(ex),
                 ew_off=blob.add(np.ascontiguousarray(L.weight_shift, np.int32)),
-                scale_off=blob.add(L.scale.astype(np.float32)), bias_off=blob.add(L.bias.astype(np.float32)))
+                scale_off=blob.add(L.scale.astype(np.float32)),
+                bias_off=blob.add(np.ascontiguousarray(table, np.float32)),
+                sel_off=blob.add(np.asarray(sel, np.int32)))
     req = list(L.req) + [0] * (MAX_REQ - len(L.req))
-    scale_bits = np.float32(L.act_scale).view(np.uint32)
+
+    def f32(v):
+        if np.isinf(v):
+            return "INFINITY" if v > 0 else "-INFINITY"
+        return f"npu_f32(0x{int(np.float32(v).view(np.uint32)):08x}u)"
+
     vals = [L.layer, L.N, L.C, L.H, L.W, L.O, L.OH, L.OW, L.KH, L.KW, L.SH, L.SW, L.DH, L.DW, L.PT, L.PL,
-            L.Hp, L.Wp, L.groups, Cg, opg, int(L.unsigned), int(L.relu), L.n_groups]
-    return ("{" + ", ".join(map(str, vals)) + f", npu_f32(0x{int(scale_bits):08x}u), "
+            L.Hp, L.Wp, L.groups, L.Cg, L.opg, int(L.unsigned), int(L.relu), L.n_groups]
+    return ("{" + ", ".join(map(str, vals)) + f", {f32(L.act_scale)}, {f32(L.act_lo)}, {f32(L.act_hi)}, "
             + ", ".join(f"{offs[k]}" for k in ("w_off", "chan_off", "rank_off", "ex_off", "ew_off",
-                                                 "scale_off", "bias_off"))
-            + f", {L.in_param}, {L.out_index}, {len(L.req)}, {{{', '.join(map(str, req))}}}}}")
+                                                 "scale_off", "bias_off", "sel_off"))
+            + f", {table.shape[0]}, {int(L.depthwise)}, {int(L.dynamic)}, {L.samples}"
+            + f", {L.in_param}, {L.out_index}, {int(L.in_onchip)}, {len(L.req)}, {{{', '.join(map(str, req))}}}"
+            + f", {len(L.fadd)}, {{{', '.join(map(str, list(L.fadd) + [0] * (MAX_REQ - len(L.fadd))))}}}}}")
 
 
 @dataclass
 class Program:
     symbol: str
     layers: List[NPULayer]
-    tilings: List[Tiling]
+    tilings: List[List[Tiling]]      # per layer: its mapping variants
+    sel: List[np.ndarray]            # per layer: variant per value of K4 (0..n_groups)
     code: np.ndarray
     n_params: int
     n_outputs: int
     counts_param: int
+    bias_param: int = -1
+    adds: List[NPUAdd] = field(default_factory=list)
 
 
-def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig) -> Program:
+def allocate_abuf(nodes, cfg: NPUConfig) -> None:
+    """Which inputs stay in the activation SRAM (ABUF): INT8 layer inputs and float residual-add
+    operands. Each copy is live from its producer's position to its consumer's; a copy is placed
+    when it fits beside every copy live over that span (first come, first placed, in program order;
+    bytes are counted, fragmentation is not modelled); the rest go through DRAM."""
+    n = len(nodes)
+    used = np.zeros(max(n, 1), np.int64)
+    pos = {id(x): i for i, x in enumerate(nodes)}
+    layers = [x for x in nodes if isinstance(x, NPULayer)]
+    adds = [x for x in nodes if isinstance(x, NPUAdd)]
+    producer = {}
+    for x in nodes:
+        for c in x.req:
+            producer[("L", c)] = pos[id(x)]
+        for f in x.fadd:
+            producer[("A", f)] = pos[id(x)]
+    for i, x in enumerate(nodes):
+        if isinstance(x, NPULayer):
+            li = layers.index(x)
+            p = producer.get(("L", li), i)          # host inputs: quantized into the ABUF at the layer
+            size = x.in_bytes
+            x.in_onchip = bool(used[p:i + 1].max() + size <= cfg.abuf_bytes)
+            if x.in_onchip:
+                used[p:i + 1] += size
+        else:
+            ai = adds.index(x)
+            for k in range(2):
+                if x.in_param[k] >= 0:
+                    x.onchip[k] = False                 # read from the host tensor in DRAM
+                    continue
+                p = producer.get(("A", 2 * ai + k), i)
+                size = 4 * x.n
+                x.onchip[k] = bool(used[p:i + 1].max() + size <= cfg.abuf_bytes)
+                if x.onchip[k]:
+                    used[p:i + 1] += size
+    for x in nodes:
+        x.req_off = sum(1 for c in x.req if not layers[c].in_onchip)
+        x.fadd_off = sum(1 for f in x.fadd if not adds[f // 2].onchip[f % 2])
+        if isinstance(x, NPULayer):
+            x.req_dyn = sum(1 for c in x.req if layers[c].dynamic)
+
+
+def _spill(L: NPULayer, t: Tiling, cfg: NPUConfig) -> str:
+    """Why a layer does not run from SRAM alone (empty when it does): its weights (per conv group)
+    exceed a WBUF bank, so they stream in tiles, or its NPU-produced input did not fit the ABUF."""
+    why = []
+    wbytes = (L.C if L.depthwise else L.opg * L.Cg) * L.KH * L.KW
+    if wbytes > cfg.wbuf_bytes // 2:
+        why.append(f"weights {wbytes} B > WBUF bank {cfg.wbuf_bytes // 2} B")
+    if not L.in_onchip:
+        why.append(f"input {L.in_bytes} B in DRAM (ABUF full)")
+    return "; ".join(why)
+
+
+def choose_mappings(L: NPULayer, li: int, cfg: NPUConfig, levels_k: List[int]):
+    """Per ratio level: the mapping with the fewest estimated cycles (every candidate is tried: the
+    space is small). Returns (variants, sel) with sel[k] the variant used when K4 = k: a level's
+    own choice, else that of the nearest level."""
+    cands = candidate_tilings(L, cfg)
+    if not cands:
+        raise ValueError(f"layer {L.layer} ({L.name}) does not fit the NPU's SRAMs ({cfg})")
+    ks = sorted({int(min(max(k, 0), L.n_groups)) for k in levels_k} | {0, L.n_groups})
+    codes = [emit_variant(L, li, t, None) for t in cands]
+    best = {}
+    for k in ks:
+        cyc = [estimate_cycles(L, cfg, c, k) for c in codes]
+        best[k] = int(np.argmin(cyc))
+    used = []
+    for k in ks:
+        if best[k] not in used:
+            used.append(best[k])
+    used = used[:MAX_VARIANTS]
+    variants = [cands[i] for i in used]
+    sel = np.zeros(L.n_groups + 1, np.int32)
+    for k in range(L.n_groups + 1):
+        near = min(ks, key=lambda kk: (abs(kk - k), kk))
+        i = best[near]
+        sel[k] = used.index(i) if i in used else 0
+    return variants, sel
+
+
+def _composite_kind(comp: relax.Function) -> str:
+    name = str(comp.attrs["Composite"]) if comp.attrs is not None and "Composite" in comp.attrs else ""
+    return "add" if name.endswith(".add") or name.endswith(".add_relu") else "layer"
+
+
+def _add_activation(comp: relax.Function, A: "NPUAdd") -> None:
+    """Reads the fused activation of an add composite (relu, clip, maximum / minimum by constants)."""
+    from .partition import act_bounds
+
+    for block in comp.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in (
+                    "relax.nn.relu", "relax.clip", "relax.maximum", "relax.minimum"):
+                lo, hi = act_bounds(v)
+                A.act = True
+                if v.op.name in ("relax.nn.relu", "relax.clip", "relax.maximum"):
+                    A.act_lo = lo
+                if v.op.name in ("relax.clip", "relax.minimum"):
+                    A.act_hi = hi
+
+
+def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels=None) -> Program:
     params = list(func.params)
     pidx = {p: i for i, p in enumerate(params)}
     local_funcs = {}
+    nodes = []              # layers and adds in program order
     layers: List[NPULayer] = []
-    var_layer = {}          # bound var -> layer index (program-local)
+    adds: List[NPUAdd] = []
+    var_node = {}           # bound var -> ("L", i) | ("A", i)
     alias = {}
-    inputs = []
-    counts_param = None
+    node_inputs = []        # per node: its input exprs
+    counts_param = -1
+    bias_param = -1
     for block in func.body.blocks:
         for b in block.bindings:
             v = b.value
@@ -422,71 +790,152 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig) -> Pro
                 continue
             if isinstance(v, relax.Call) and isinstance(v.op, relax.Var) and v.op in local_funcs:
                 comp = local_funcs[v.op]
+                if _composite_kind(comp) == "add":
+                    shape = tuple(int(d) for d in v.args[0].ty.shape.values)
+                    A = NPUAdd(n=int(np.prod(shape)), shape=shape)
+                    _add_activation(comp, A)
+                    var_node[b.var] = ("A", len(adds))
+                    adds.append(A)
+                    nodes.append(A)
+                    node_inputs.append([alias.get(e, e) for e in v.args])
+                    continue
                 arg_of_param = dict(zip(comp.params, v.args))
-                L, x_expr, c_expr = extract_layer(comp, arg_of_param, prims)
+                L, x_expr, c_expr, b_expr = extract_layer(comp, arg_of_param, prims)
                 x_expr = alias.get(x_expr, x_expr)
                 if not (isinstance(c_expr, relax.Var) and c_expr in pidx):
                     raise ValueError(f"{sym}: counts is not an argument of the external function")
                 counts_param = pidx[c_expr]
-                var_layer[b.var] = len(layers)
-                inputs.append(x_expr)
+                if b_expr is not None:
+                    if not (isinstance(b_expr, relax.Var) and b_expr in pidx):
+                        raise ValueError(f"{sym}: layer {L.layer}: bias_row is not an argument of the external function")
+                    if bias_param not in (-1, pidx[b_expr]):
+                        raise ValueError(f"{sym}: two different bias-row arguments")
+                    bias_param = pidx[b_expr]
+                var_node[b.var] = ("L", len(layers))
                 L.name = f"layer{L.layer}"
                 layers.append(L)
+                nodes.append(L)
+                node_inputs.append([x_expr])
                 continue
             if isinstance(v, relax.Var):
                 alias[b.var] = alias.get(v, v)
                 continue
             raise ValueError(f"{sym}: unexpected binding {type(v).__name__} in an NPU function")
-    if not layers:
-        raise ValueError(f"{sym}: no FlexiQ layer inside")
-    for li, x in enumerate(inputs):
-        if x in pidx:
-            layers[li].in_param = pidx[x]
-        elif x in var_layer:
-            layers[var_layer[x]].req.append(li)
-        else:
-            raise ValueError(f"{sym}: layer {layers[li].layer} reads a value the NPU does not produce")
+    if not nodes:
+        raise ValueError(f"{sym}: no FlexiQ layer or residual add inside")
+
+    def node(kind_idx):
+        k, i = kind_idx
+        return layers[i] if k == "L" else adds[i]
+
+    for x, ins in zip(nodes, node_inputs):
+        for k, e in enumerate(ins):
+            what = f"layer {x.layer}" if isinstance(x, NPULayer) else "a residual add"
+            if e in pidx:
+                if isinstance(x, NPULayer):
+                    x.in_param = pidx[e]
+                else:
+                    x.in_param[k] = pidx[e]
+            elif e in var_node:
+                src = node(var_node[e])
+                if isinstance(x, NPULayer):
+                    src.req.append(layers.index(x))
+                else:
+                    src.fadd.append(2 * adds.index(x) + k)
+            else:
+                raise ValueError(f"{sym}: {what} reads a value the NPU does not produce")
     out = func.body.body
     outs = list(out.fields) if isinstance(out, relax.Tuple) else [out]
     for k, o in enumerate(outs):
         o = alias.get(o, o)
-        if o not in var_layer:
-            raise ValueError(f"{sym}: output {k} is not a layer result")
-        if layers[var_layer[o]].out_index >= 0:
-            raise ValueError(f"{sym}: one layer result returned twice")
-        layers[var_layer[o]].out_index = k
-    for L in layers:
-        if len(L.req) > MAX_REQ:
-            raise ValueError(f"{sym}: layer {L.layer} feeds more than {MAX_REQ} NPU layers")
+        if o not in var_node:
+            raise ValueError(f"{sym}: output {k} is not a layer or add result")
+        x = node(var_node[o])
+        if x.out_index >= 0:
+            raise ValueError(f"{sym}: one result returned twice")
+        x.out_index = k
+    for x in nodes:
+        if len(x.req) > MAX_REQ or len(x.fadd) > MAX_REQ:
+            raise ValueError(f"{sym}: a layer or add feeds more than {MAX_REQ} NPU consumers")
+    allocate_abuf(nodes, cfg)
     code: List[List[int]] = []
-    tilings = []
-    for li, L in enumerate(layers):
-        t = plan_tiles(L, cfg)
-        if t is None:
-            raise ValueError(f"layer {L.layer} does not fit the NPU's SRAMs ({cfg})")
-        tilings.append(t)
-        emit_layer(L, li, t, code)
-    return Program(sym, layers, tilings, np.asarray(code, np.int32).reshape(-1, IW), len(params), len(outs),
-                   counts_param)
+    all_variants, sels = [], []
+    block_end = {}           # layer slot -> pc after its block
+    ldreg_pc = {}
+    pref_rows, sync_rows = [], []
+    for ni, x in enumerate(nodes):
+        if isinstance(x, NPUAdd):
+            code.append([OP["ADD"], adds.index(x)] + [0] * (IW - 2))
+            continue
+        L, li = x, layers.index(x)
+        lk = [] if levels is None else [int(c[L.layer]) for c in levels if L.layer < len(c)]
+        if not lk:
+            lk = [0, L.n_groups // 2, L.n_groups]
+        variants, sel = choose_mappings(L, li, cfg, lk)
+        L.spill = _spill(L, variants[0], cfg)
+        all_variants.append(variants)
+        sels.append(sel)
+        nxt_layer = next((y for y in nodes[ni + 1:] if isinstance(y, NPULayer)), None)
+        nxt = layers.index(nxt_layer) if nxt_layer is not None and nxt_layer.in_param < 0 else None
+        ldreg_pc[li] = len(code)
+        head = [OP["LDREG"], li, len(variants)] + [0] * (IW - 3)
+        code.append(head)
+        starts = []
+        for t in variants:
+            starts.append(len(code))
+            for row in emit_variant(L, li, t, nxt):
+                if row[0] == OP["PREF"]:
+                    pref_rows.append((len(code), nxt))
+                if row[0] == OP["SYNC"]:
+                    sync_rows.append((len(code), li))
+                code.append(row)
+        for v, pcv in enumerate(starts):
+            head[3 + v] = pcv
+        block_end[li] = len(code)
+    for pc, tgt in pref_rows:
+        code[pc][3] = ldreg_pc[tgt]
+    for pc, li in sync_rows:
+        code[pc][2] = block_end[li]
+    return Program(sym, layers, all_variants, sels, np.asarray(code, np.int32).reshape(-1, IW), len(params),
+                   len(outs), counts_param, bias_param, adds)
+
+
+def _add_c(A: NPUAdd) -> str:
+    req = list(A.req) + [0] * (MAX_REQ - len(A.req))
+    fadd = list(A.fadd) + [0] * (MAX_REQ - len(A.fadd))
+    def f32(v):
+        if np.isinf(v):
+            return "INFINITY" if v > 0 else "-INFINITY"
+        return f"npu_f32(0x{int(np.float32(v).view(np.uint32)):08x}u)"
+
+    return (f"{{{A.n}, {int(A.act)}, {f32(A.act_lo)}, {f32(A.act_hi)}, "
+            f"{{{A.in_param[0]}, {A.in_param[1]}}}, {{{int(A.onchip[0])}, {int(A.onchip[1])}}}, "
+            f"{A.out_index}, {len(A.req)}, {{{', '.join(map(str, req))}}}, {len(A.fadd)}, "
+            f"{{{', '.join(map(str, fadd))}}}}}")
 
 
 def generate_c(programs: List[Program], cfg: NPUConfig, num_layers: int) -> str:
-    src = [open(_RUNTIME_C).read()]
+    with open(_RUNTIME_C) as fh:
+        src = [fh.read()]
     blob = _Blob()
     bodies = []
     for k, P in enumerate(programs):
-        lt = ",\n  ".join(_layer_c(L, blob) for L in P.layers)
+        lt = ",\n  ".join(_layer_c(L, blob, sel) for L, sel in zip(P.layers, P.sel)) or "{0}"
+        at = ",\n  ".join(_add_c(A) for A in P.adds) or "{0}"
         words = ",".join(map(str, P.code.reshape(-1).tolist()))
         bodies.append(f"static const npu_layer_t npu_layers_{k}[] = {{\n  {lt}\n}};\n"
+                      f"static const npu_add_t npu_adds_{k}[] = {{\n  {at}\n}};\n"
                       f"static const int32_t npu_code_{k}[] = {{{words}}};\n"
                       f"static const npu_program_t npu_prog_{k} = {{npu_layers_{k}, {len(P.layers)}, npu_code_{k}, "
-                      f"{P.code.shape[0]}, {P.n_params}, {P.n_outputs}, {P.counts_param}}};\n")
+                      f"{P.code.shape[0]}, {P.n_params}, {P.n_outputs}, {P.counts_param}, {P.bias_param}, npu_adds_{k}, "
+                      f"{len(P.adds)}}};\n")
     lit, size = blob.c_literal()
     src.append("static float npu_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }\n")
     src.append(f"static const unsigned char npu_blob[{size + 1}] __attribute__((aligned(64))) =\n{lit};\n")
     src.append(f"static const npu_config_t npu_cfg = {{{cfg.rows}, {cfg.cols}, {cfg.ibuf_bytes}, {cfg.wbuf_bytes}, "
-               f"{cfg.obuf_bytes}, {cfg.dma_bytes_per_cycle}, {cfg.dma_setup_cycles}, {cfg.vector_lanes}, "
-               f"{cfg.fill_cycles}, {float(cfg.clock_mhz)!r}}};\n")
+               f"{cfg.obuf_bytes}, {cfg.abuf_bytes}, {cfg.dma_bytes_per_cycle}, {cfg.dma_setup_cycles}, "
+               f"{cfg.sram_bytes_per_cycle}, {cfg.vector_lanes}, {cfg.fill_cycles}, {cfg.drain_cycles}, "
+               f"{float(cfg.clock_mhz)!r}}};\n")
     src.append(f"#define NPU_NUM_LAYERS {num_layers}\n"
                f"static double npu_stats[(NPU_NUM_LAYERS + 1) * NPU_STATS_COLS];\n")
     src.extend(bodies)
@@ -505,7 +954,7 @@ def generate_c(programs: List[Program], cfg: NPUConfig, num_layers: int) -> str:
   memcpy(d, npu_stats, sizeof npu_stats);
   d[0] = npu_cfg.rows; d[1] = npu_cfg.cols; d[2] = npu_cfg.ibuf; d[3] = npu_cfg.wbuf; d[4] = npu_cfg.obuf;
   d[5] = npu_cfg.dma_bw; d[6] = npu_cfg.dma_setup; d[7] = npu_cfg.lanes; d[8] = npu_cfg.clock_mhz;
-  d[9] = NPU_NUM_LAYERS; d[10] = {len(programs)}; d[11] = 1;
+  d[9] = NPU_NUM_LAYERS; d[10] = {len(programs)}; d[11] = 2; d[12] = npu_cfg.abuf; d[13] = npu_cfg.sram_bw;
   return 0;
 }}
 #ifdef __cplusplus
@@ -524,7 +973,7 @@ def flexiq_npu_codegen(functions, options, constant_names):
     programs = []
     for f in functions:
         sym = str(f.attrs["global_symbol"])
-        programs.append(lower_function(sym, f, prims, cfg))
+        programs.append(lower_function(sym, f, prims, cfg, _CTX.get("levels")))
     _CTX["programs"] = {P.symbol: P for P in programs}
     code = generate_c(programs, cfg, num_layers)
     _CTX["c_source"] = code

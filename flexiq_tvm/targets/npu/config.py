@@ -13,20 +13,26 @@ class NPUConfigError(FlexiQError, ValueError):
 
 @dataclass(frozen=True)
 class NPUConfig:
+    # An edge vision NPU (docs/npu.md section 1): 1024 PEs and 3 MiB of SRAM in all, the range of
+    # edge NPUs (a few hundred KiB to a few MiB); the 2 MiB activation SRAM holds the largest
+    # working set of a 224x224 MobileNet-class model (a 112x112x96 INT8 tensor and the next
+    # layer's output); 32 B/cycle of DRAM bandwidth (32 GB/s at 1 GHz).
     rows: int = 32                   # systolic array rows (output pixels in flight)
     cols: int = 32                   # systolic array columns (output channels in flight)
-    ibuf_bytes: int = 64 * 1024      # input (activation) SRAM, two banks
-    wbuf_bytes: int = 64 * 1024      # weight SRAM, two banks
-    obuf_bytes: int = 64 * 1024      # output / accumulator SRAM (int32), two banks
+    ibuf_bytes: int = 256 * 1024     # input (activation tile) SRAM, two banks
+    wbuf_bytes: int = 512 * 1024     # weight SRAM, two banks (a layer whose weights fit a bank is loaded once)
+    obuf_bytes: int = 256 * 1024     # output / accumulator SRAM (int32), two banks
+    abuf_bytes: int = 2048 * 1024    # activation SRAM: layer outputs that stay on chip for their consumers
     dma_bytes_per_cycle: int = 32    # DRAM <-> SRAM bandwidth
     dma_setup_cycles: int = 16       # fixed cost of one DMA descriptor
-    vector_lanes: int = 32           # vector-unit elements per cycle
+    sram_bytes_per_cycle: int = 256  # ABUF -> IBUF on-chip mover
+    vector_lanes: int = 256          # vector unit (output stage) elements per cycle
     clock_mhz: float = 1000.0
 
     _LIMITS = {"rows": (1, 1024), "cols": (1, 1024), "ibuf_bytes": (64, 1 << 30),
-               "wbuf_bytes": (64, 1 << 30), "obuf_bytes": (64, 1 << 30),
+               "wbuf_bytes": (64, 1 << 30), "obuf_bytes": (64, 1 << 30), "abuf_bytes": (0, 1 << 30),
                "dma_bytes_per_cycle": (1, 4096), "dma_setup_cycles": (0, 1 << 20),
-               "vector_lanes": (1, 4096)}
+               "sram_bytes_per_cycle": (1, 1 << 16), "vector_lanes": (1, 4096)}
 
     def __post_init__(self):
         for f in fields(self):
@@ -51,6 +57,11 @@ class NPUConfig:
         if self.obuf_bytes // 2 < 4 * self.cols:
             raise NPUConfigError(f"npu_config: obuf_bytes={self.obuf_bytes} cannot hold one row of "
                                  f"{self.cols} int32 accumulators per bank (need >= {8 * self.cols})")
+
+    @property
+    def drain_cycles(self) -> int:
+        """Shortest pass: the rows x cols accumulators leave through the `vector_lanes`-wide output bus."""
+        return -(-self.rows * self.cols // self.vector_lanes)
 
     @property
     def fill_cycles(self) -> int:

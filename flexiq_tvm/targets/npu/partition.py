@@ -14,7 +14,10 @@ conv2d_int8 / dense_int8, found by the PrimFunc attribute `flexiq.kernel`). Here
    become one external function with attribute `Codegen = "flexiq_npu"`; the codegen turns each
    into one NPU program (intermediate activations stay INT8, requantized by the vector unit).
 
-Everything else (residual adds, pooling, reshapes, softmax, ...) stays on the host (llvm).
+A ReLU6 (clip, or ONNX Clip imported as minimum(maximum(y, 0), 6)) fuses like a ReLU; the
+per-ratio bias table (take + reshape) is part of the layer; a residual add of two float32 NCHW
+tensors of one shape is its own composite (`flexiq_npu.add`, vector unit) and merges with the
+layers around it. Everything else (pooling, reshapes, softmax, ...) stays on the host (llvm).
 """
 from __future__ import annotations
 
@@ -35,11 +38,16 @@ def _call_tir(args):
 
 def layer_pattern():
     """(root, annotations) of one FlexiQ layer: q = quantize_act(x, counts, rank, shift);
-    wl = lower_weight(W, counts, rank, wshift); y = conv2d_int8 | dense_int8(q, wl, scale, bias)."""
+    wl = lower_weight(W, counts, rank, wshift); y = conv2d_int8 | dense_int8(q', wl, scale, bias).
+    q' is q or reshape(q) (dynamic extraction quantizes token inputs before folding the tokens);
+    bias is a constant or reshape(take(table, bias_row)) (per-ratio bias rows, accuracy recovery)."""
     x, counts = wildcard(), wildcard()
     q = _call_tir([x, counts, is_const(), is_const()])
+    q_in = q | is_op("relax.reshape")(q, wildcard())
     wl = _call_tir([is_const(), counts, is_const(), is_const()])
-    y = _call_tir([q, wl, is_const(), is_const()])
+    take = is_op("relax.take")(is_const(), wildcard())
+    bias = is_const() | is_op("relax.reshape")(take, wildcard())
+    y = _call_tir([q_in, wl, is_const(), bias])
     return y, {"x": x, "counts": counts, "q": q, "wl": wl, "y": y}
 
 
@@ -53,8 +61,37 @@ def kernel_kind(mod: tvm.IRModule, call) -> str:
     return str(f.attrs[KERNEL_ATTR])
 
 
-def make_patterns(mod: tvm.IRModule, offload=None):
-    """The pattern table; `offload(layer_index) -> bool` may keep chosen layers on the host."""
+def _scalar(e) -> float:
+    """A scalar number: a PrimValue (clip bounds) or a one-element constant (maximum / minimum)."""
+    v = getattr(e, "value", None)
+    if hasattr(v, "numpy"):
+        a = v.numpy()
+        if a.size != 1:
+            raise ValueError("not a scalar")
+        return float(a.reshape(-1)[0])
+    v = getattr(v, "value", v)
+    if v is None:
+        raise ValueError("not a number")
+    return float(v)
+
+
+def act_bounds(act):
+    """(lo, hi) of a fused activation call: relu, clip, maximum(y, lo), minimum(maximum(y, lo), hi)."""
+    name = act.op.name
+    if name == "relax.nn.relu":
+        return 0.0, float("inf")
+    if name == "relax.clip":
+        return _scalar(act.args[1]), _scalar(act.args[2])
+    if name == "relax.maximum":
+        return _scalar(act.args[1]), float("inf")
+    if name == "relax.minimum":
+        return -float("inf"), _scalar(act.args[1])       # lo comes from the maximum before it
+    raise ValueError(f"not an activation: {name}")
+
+
+def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True):
+    """The pattern table; `offload(layer_index) -> bool` may keep chosen layers on the host;
+    `add_on_npu=False` keeps residual adds on the host."""
     from tvm.relax.transform import FusionPattern
 
     def check(ctx, relu: bool) -> bool:
@@ -67,22 +104,79 @@ def make_patterns(mod: tvm.IRModule, offload=None):
         if str(kf.attrs.get("flexiq.out", "float")) != "float":
             return False                     # debug builds that return int32 accumulators
         qf = mod[ann["q"].args[0]]
-        if bool(qf.attrs.get("flexiq.dynamic", False)):
-            return False                     # dynamic extraction: shifts from the live tensor (host)
         if offload is not None and not offload(int(qf.attrs["flexiq.layer_index"])):
             return False
         if relu:
-            # the ReLU is fused into the layer: its input must have no other user
+            # the ReLU / ReLU6 is fused into the layer: its input must have no other user
             y_var = ctx.value_to_bound_var.get(ann["y"])
             if y_var is None or len(ctx.var_usages.get(y_var, [])) != 1:
                 return False
+            act = ann["act"]
+            try:
+                lo, hi = act_bounds(act)
+            except ValueError:
+                return False                 # bounds that are not scalar numbers
+            if not lo < hi:
+                return False
+            if act.op.name == "relax.minimum":
+                # ONNX Clip imports as minimum(maximum(y, lo), hi): the maximum feeds only the minimum
+                mx = act.args[0]
+                if not isinstance(mx, relax.Var) or len(ctx.var_usages.get(mx, [])) != 1:
+                    return False
         return True
 
     y, ann = layer_pattern()
-    relu = is_op("relax.nn.relu")(y)
+    mx = is_op("relax.maximum")(y, is_const())
+    relu = (is_op("relax.nn.relu")(y) | is_op("relax.clip")(y, wildcard(), wildcard())
+            | is_op("relax.minimum")(mx, is_const()) | mx)
+    a, b = wildcard(), wildcard()
+    add = is_op("relax.add")(a, b)
+
+    def check_add(ctx) -> bool:
+        """A residual add on the vector unit: two float32 NCHW tensors of one static shape (no
+        broadcasting, no constants); exact, since the NPU adds the same float32 values."""
+        ann = ctx.annotated_expr
+        try:
+            shapes = []
+            for k in ("a", "b"):
+                e = ann[k]                       # the producing expression (a Call) or a Var
+                if isinstance(e, (tvm.ir.GenericConst, tvm.ir.Constant)):
+                    return False
+                ty = e.ty
+                if str(ty.dtype) != "float32":
+                    return False
+                shapes.append(tuple(int(v) for v in ty.shape.values))
+        except (AttributeError, TypeError, ValueError):
+            return False
+        return add_on_npu and len(shapes[0]) == 4 and shapes[0] == shapes[1]
+
+    amx = is_op("relax.maximum")(add, is_const())
+    add_act = (is_op("relax.nn.relu")(add) | is_op("relax.clip")(add, wildcard(), wildcard())
+               | is_op("relax.minimum")(amx, is_const()) | amx)
+
+    def check_add_act(ctx) -> bool:
+        """add + ReLU / ReLU6 (ResNet-style blocks): the add's result must feed only the activation."""
+        if not check_add(ctx):
+            return False
+        s_var = ctx.value_to_bound_var.get(ctx.annotated_expr["add"])
+        if s_var is None or len(ctx.var_usages.get(s_var, [])) != 1:
+            return False
+        act = ctx.annotated_expr["act"]
+        try:
+            lo, hi = act_bounds(act)
+        except ValueError:
+            return False
+        if act.op.name == "relax.minimum":
+            mx = act.args[0]
+            if not isinstance(mx, relax.Var) or len(ctx.var_usages.get(mx, [])) != 1:
+                return False
+        return lo < hi
+
     return [
-        FusionPattern(f"{CODEGEN}.layer_relu", relu, dict(ann), lambda ctx: check(ctx, True)),
+        FusionPattern(f"{CODEGEN}.layer_relu", relu, dict(ann, act=relu), lambda ctx: check(ctx, True)),
         FusionPattern(f"{CODEGEN}.layer", y, dict(ann), lambda ctx: check(ctx, False)),
+        FusionPattern(f"{CODEGEN}.add_relu", add_act, {"a": a, "b": b, "add": add, "act": add_act}, check_add_act),
+        FusionPattern(f"{CODEGEN}.add", add, {"a": a, "b": b, "add": add}, check_add),
     ]
 
 
@@ -94,10 +188,10 @@ def inline_layers(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.CanonicalizeBindings()(mod)
 
 
-def partition(mod: tvm.IRModule, offload=None, merge: bool = True) -> tvm.IRModule:
+def partition(mod: tvm.IRModule, offload=None, merge: bool = True, add_on_npu: bool = True) -> tvm.IRModule:
     """Inline the layer functions, then fuse + annotate the NPU layers (no codegen yet)."""
     mod = inline_layers(mod)
-    pats = make_patterns(mod, offload)
+    pats = make_patterns(mod, offload, add_on_npu and merge)
     entry = [gv.name_hint for gv, f in mod.functions_items()
              if isinstance(f, relax.Function) and (f.attrs is None or "Codegen" not in f.attrs)
              and gv.name_hint in ("main",)]

@@ -30,45 +30,69 @@
 extern "C" {
 #endif
 
-enum { OP_LDREG = 1, OP_QUANT = 2, OP_LDX = 3, OP_LDW = 4, OP_GEMM = 5, OP_VEC = 6, OP_ST = 7, OP_SYNC = 8 };
+enum { OP_LDREG = 1, OP_QUANT = 2, OP_LDX = 3, OP_LDW = 4, OP_GEMM = 5, OP_VEC = 6, OP_ST = 7, OP_SYNC = 8,
+       OP_DWGEMM = 9, OP_PREF = 10, OP_ADD = 11 };
 #define NPU_IW 12          /* int32 words per instruction */
 #define NPU_MAX_REQ 8
+#define NPU_MAX_VAR 9      /* mapping variants per layer (LDREG words 3..11) */
 
 typedef struct {
   int32_t layer;                              /* flexiq.layer: index into counts and the stats table */
   int32_t N, C, H, W, O, OH, OW, KH, KW, SH, SW, DH, DW, PT, PL, Hp, Wp, groups, Cg, opg;
-  int32_t is_unsigned, relu, n_groups;
-  float act_scale;
-  int64_t w_off;      /* int8  [groups][opg][Cg][KH][KW], input channels in lowering order */
-  int64_t chan_off;   /* int32 [groups][Cg]: channel (within the conv group) at sorted position j */
-  int64_t rank_off;   /* int32 [groups][Cg]: lowering group (rank) of sorted position j */
-  int64_t ex_off;     /* int32 [n_groups]: activation shift per group */
+  int32_t is_unsigned, act, n_groups;         /* act: 0 none, 1 clamp(y, act_lo, act_hi) (ReLU, ReLU6) */
+  float act_scale, act_lo, act_hi;
+  int64_t w_off;      /* int8: [groups][opg][Cg][KH][KW] (input channels in lowering order);
+                         depthwise: [C][KH][KW], channels in lowering order */
+  int64_t chan_off;   /* int32 [groups][Cg] (depthwise: [C]): channel at sorted position j */
+  int64_t rank_off;   /* int32, same shape: lowering group (rank) of sorted position j */
+  int64_t ex_off;     /* int32 [n_groups]: activation shift per group (dynamic: offset below the live rule) */
   int64_t ew_off;     /* int32 [O][n_groups]: weight shift per (output channel, group) */
   int64_t scale_off;  /* f32 [O] */
-  int64_t bias_off;   /* f32 [O] */
+  int64_t bias_off;   /* f32 [bias_rows][O]: row 0 the model's bias, then one per corrected ratio level */
+  int64_t sel_off;    /* int32 [n_groups + 1]: mapping variant per value of K4 */
+  int32_t bias_rows, depthwise, dynamic, samples;
   int32_t in_param;   /* >= 0: the float input is function argument in_param (quantized by QUANT) */
   int32_t out_index;  /* >= 0: the float result goes to DPS output out_index */
+  int32_t in_onchip;  /* the INT8 input codes live in the activation SRAM (ABUF), not in DRAM */
   int32_t n_req;      /* internal consumers: requantized INT8 copies in the consumers' input buffers */
   int32_t req_layer[NPU_MAX_REQ];
+  int32_t n_fadd;     /* float copies for residual adds, each add * 2 + operand */
+  int32_t fadd[NPU_MAX_REQ];
 } npu_layer_t;
+
+/* a residual add a + b of two float32 tensors on the vector unit */
+typedef struct {
+  int32_t n;                    /* elements */
+  int32_t act;                  /* fused ReLU / ReLU6: clamp(a + b, act_lo, act_hi) */
+  float act_lo, act_hi;
+  int32_t in_param[2];          /* >= 0: operand k is that function argument (host float, DRAM) */
+  int32_t onchip[2];            /* operand k's float copy lives in the ABUF (else DRAM) */
+  int32_t out_index;            /* >= 0: the sum goes to DPS output out_index */
+  int32_t n_req;                /* layers reading a requantized INT8 copy */
+  int32_t req_layer[NPU_MAX_REQ];
+  int32_t n_fadd;               /* adds reading a float copy */
+  int32_t fadd[NPU_MAX_REQ];
+} npu_add_t;
 
 typedef struct {
   const npu_layer_t* layers;   /* program-local layer table */
   int32_t n_layers;
   const int32_t* code;         /* NPU_IW words per instruction */
   int32_t n_instr;
-  int32_t n_params, n_outputs, counts_param;
+  int32_t n_params, n_outputs, counts_param, bias_param;
+  const npu_add_t* adds;
+  int32_t n_adds;
 } npu_program_t;
 
 /* ---- configuration (filled by the codegen) ---- */
 typedef struct {
-  int32_t rows, cols, ibuf, wbuf, obuf, dma_bw, dma_setup, lanes, fill;
+  int32_t rows, cols, ibuf, wbuf, obuf, abuf, dma_bw, dma_setup, sram_bw, lanes, fill, drain;
   double clock_mhz;
 } npu_config_t;
 
-#define NPU_STATS_COLS 12
+#define NPU_STATS_COLS 16
 /* stats row (one per flexiq layer): valid, total, compute, dma, vector, macs8, macs4,
- * ibuf_max, wbuf_max, obuf_max, gemm_instr, k4 */
+ * ibuf_max, wbuf_max, obuf_max, gemm_instr, k4, variant, spill, dram_bytes, onchip_in */
 
 /* ---- helpers ---- */
 static DLTensor* npu_arg_tensor(const TVMFFIAny* a) {
@@ -102,17 +126,52 @@ typedef struct {
   int64_t x_ready[2], x_free[2], w_ready[2], w_free[2], o_ready[2], o_free[2];
 } npu_clock_t;
 
-static void npu_sync(npu_clock_t* t, int64_t* now) {
-  int64_t m = npu_max64(t->dma_free, npu_max64(t->arr_free, t->vec_free));
-  for (int b = 0; b < 2; ++b) {
-    m = npu_max64(m, npu_max64(t->x_free[b], t->x_ready[b]));
-    m = npu_max64(m, npu_max64(t->w_free[b], t->w_ready[b]));
-    m = npu_max64(m, npu_max64(t->o_free[b], t->o_ready[b]));
-  }
-  *now = m;
-  t->dma_free = t->arr_free = t->vec_free = m;
-  for (int b = 0; b < 2; ++b) {
-    t->x_ready[b] = t->x_free[b] = t->w_ready[b] = t->w_free[b] = t->o_ready[b] = t->o_free[b] = m;
+/* per-layer run-time state */
+typedef struct {
+  int32_t k4, brow, variant, wflip, prefetched, pref_instr;
+  int64_t in_ready;      /* the layer's INT8 input is complete (QUANT or producers' ST) */
+  int64_t last_end;      /* latest end of an instruction of this layer */
+  int32_t* exd;          /* dynamic extraction: [samples][n_groups] shifts */
+} npu_lstate_t;
+
+static inline int32_t npu_shift_of(int32_t m, int is_unsigned) {
+  static const int32_t ts[4] = {8, 16, 32, 64}, tu[4] = {16, 32, 64, 128};
+  const int32_t* t = is_unsigned ? tu : ts;
+  int32_t e = 0;
+  for (int i = 0; i < 4; ++i) e += (m >= t[i]);
+  return e;
+}
+
+/* Dynamic extraction: per (sample, group) max |code| of the live input (tracked by the vector unit
+ * while the codes are written: QUANT or the producer's requantizing ST), shift = clamp(rule(m) -
+ * offset[g], 0); the rule counts the thresholds 8/16/32/64 (unsigned: 16/32/64/128) that m reaches. */
+static void npu_dynamic_shifts(const npu_layer_t* L, const int8_t* q, int32_t* exd, const unsigned char* blob) {
+  const int32_t* rank = (const int32_t*)(blob + L->rank_off);
+  const int32_t* chan = (const int32_t*)(blob + L->chan_off);
+  const int32_t* off = (const int32_t*)(blob + L->ex_off);
+  int64_t rows_ps = L->N / L->samples;
+  for (int s = 0; s < L->samples; ++s) {
+    int32_t* e = exd + (int64_t)s * L->n_groups;
+    for (int g = 0; g < L->n_groups; ++g) e[g] = 0;
+    for (int j = 0; j < L->C; ++j) {          /* sorted position j of the (flattened) channel tables */
+      int32_t r = rank[j];
+      int64_t c = L->depthwise ? chan[j] : (int64_t)(j / L->Cg) * L->Cg + chan[j];
+      if (r < 0 || r >= L->n_groups) continue;
+      int32_t m = e[r];
+      for (int64_t rr = 0; rr < rows_ps; ++rr) {
+        const int8_t* p = q + (((int64_t)s * rows_ps + rr) * L->C + c) * L->H * L->W;
+        for (int64_t i = 0; i < (int64_t)L->H * L->W; ++i) {
+          int32_t v = L->is_unsigned ? (int32_t)(uint8_t)p[i] : (int32_t)p[i];
+          if (v < 0) v = -v;
+          if (v > m) m = v;
+        }
+      }
+      e[r] = m;
+    }
+    for (int g = 0; g < L->n_groups; ++g) {
+      int32_t v = npu_shift_of(e[g], L->is_unsigned) - off[g];
+      e[g] = v < 0 ? 0 : v;
+    }
   }
 }
 
@@ -126,8 +185,15 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
     T[i] = npu_arg_tensor(&args[i]);
     if (!T[i]) return npu_fail("flexiq_npu: argument is not a tensor");
   }
-  const int32_t* counts = (const int32_t*)((const char*)T[P->counts_param]->data + T[P->counts_param]->byte_offset);
-  int64_t n_counts = T[P->counts_param]->shape[0];
+  const int32_t* counts = NULL;
+  int64_t n_counts = 0;
+  if (P->counts_param >= 0) {
+    counts = (const int32_t*)((const char*)T[P->counts_param]->data + T[P->counts_param]->byte_offset);
+    n_counts = T[P->counts_param]->shape[0];
+  }
+  int32_t bias_row_arg = 0;
+  if (P->bias_param >= 0)
+    bias_row_arg = *(const int32_t*)((const char*)T[P->bias_param]->data + T[P->bias_param]->byte_offset);
 
   const int64_t IB = cfg->ibuf / 2, WB = cfg->wbuf / 2, OB = cfg->obuf / 2;
   int8_t* ibuf[2] = {(int8_t*)malloc(IB), (int8_t*)malloc(IB)};
@@ -135,12 +201,20 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
   int32_t* obuf[2] = {(int32_t*)malloc(OB), (int32_t*)malloc(OB)};
   int8_t* xcode = (int8_t*)malloc(IB);     /* feeder's bit-extracted copy of the IBUF tile */
   int8_t* wcode = (int8_t*)malloc(WB);     /* weight loader's bit-extracted copy of the WBUF tile */
-  int8_t** qin = (int8_t**)calloc(P->n_layers, sizeof(int8_t*));   /* simulated DRAM: layer inputs */
-  int ok = ibuf[0] && ibuf[1] && wbuf[0] && wbuf[1] && obuf[0] && obuf[1] && xcode && wcode && qin;
+  int8_t** qin = (int8_t**)calloc(P->n_layers, sizeof(int8_t*));   /* layer inputs (DRAM or ABUF) */
+  npu_lstate_t* ls = (npu_lstate_t*)calloc(P->n_layers, sizeof(npu_lstate_t));
+  float** fin = (float**)calloc(2 * P->n_adds + 1, sizeof(float*));   /* add operands (ABUF or DRAM) */
+  int64_t* add_ready = (int64_t*)calloc(P->n_adds + 1, sizeof(int64_t));
+  int ok = ibuf[0] && ibuf[1] && wbuf[0] && wbuf[1] && obuf[0] && obuf[1] && xcode && wcode && qin && ls && fin && add_ready;
+  for (int a = 0; ok && a < 2 * P->n_adds; ++a) {
+    fin[a] = (float*)malloc(sizeof(float) * P->adds[a / 2].n);
+    if (!fin[a]) ok = 0;
+  }
   for (int l = 0; ok && l < P->n_layers; ++l) {
     const npu_layer_t* L = &P->layers[l];
     qin[l] = (int8_t*)malloc((size_t)L->N * L->C * L->H * L->W);
     if (!qin[l]) ok = 0;
+    if (L->dynamic) { ls[l].exd = (int32_t*)malloc(sizeof(int32_t) * L->samples * L->n_groups); if (!ls[l].exd) ok = 0; }
   }
   const char* err = ok ? NULL : "flexiq_npu: out of host memory";
   npu_xmeta_t xm[2];
@@ -149,52 +223,112 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
   memset(xm, 0, sizeof xm); memset(wm, 0, sizeof wm); memset(om, 0, sizeof om);
   npu_clock_t tc;
   memset(&tc, 0, sizeof tc);
-  int64_t now = 0, layer_start = 0;
-  int32_t k4 = 0;
-  double* st = NULL;
+  int64_t prev_end = 0, add_end = 0, add_dma = 0, add_vec = 0, add_bytes = 0;
+  double* last_st = NULL;
+  int32_t last_gemm_wbank = 0;
   const int32_t R = cfg->rows, Ccols = cfg->cols;
 
   for (int32_t pc = 0; !err && pc < P->n_instr; ++pc) {
     const int32_t* I = P->code + (int64_t)pc * NPU_IW;
-    const npu_layer_t* L = &P->layers[I[1]];
+    if (I[0] == OP_ADD) {                    /* residual add on the vector unit (float32, exact) */
+      const npu_add_t* A = &P->adds[I[1]];
+      const float* src[2];
+      for (int k = 0; k < 2; ++k)
+        src[k] = A->in_param[k] >= 0 ? (const float*)((const char*)T[A->in_param[k]]->data + T[A->in_param[k]]->byte_offset)
+                                     : fin[2 * I[1] + k];
+      float* y = NULL;
+      if (A->out_index >= 0) {
+        DLTensor* Y = T[P->n_params + A->out_index];
+        y = (float*)((char*)Y->data + Y->byte_offset);
+      }
+      for (int64_t i = 0; i < A->n; ++i) {
+        float v = src[0][i] + src[1][i];
+        if (A->act) { if (v < A->act_lo) v = A->act_lo; if (v > A->act_hi) v = A->act_hi; }
+        if (y) y[i] = v;
+        for (int c = 0; c < A->n_req; ++c) {
+          const npu_layer_t* Lc = &P->layers[A->req_layer[c]];
+          int32_t clo = Lc->is_unsigned ? 0 : -127, chi = Lc->is_unsigned ? 255 : 127;
+          qin[A->req_layer[c]][i] = (int8_t)npu_quant(v, Lc->act_scale, clo, chi);
+        }
+        for (int c = 0; c < A->n_fadd; ++c) fin[A->fadd[c]][i] = v;
+      }
+      int64_t bytes = 0;                     /* DRAM traffic: operands not on chip, host output, spilled copies */
+      for (int k = 0; k < 2; ++k) bytes += A->onchip[k] ? 0 : 4 * (int64_t)A->n;
+      if (y) bytes += 4 * (int64_t)A->n;
+      for (int c = 0; c < A->n_req; ++c) bytes += P->layers[A->req_layer[c]].in_onchip ? 0 : A->n;
+      for (int c = 0; c < A->n_fadd; ++c) bytes += P->adds[A->fadd[c] / 2].onchip[A->fadd[c] % 2] ? 0 : 4 * (int64_t)A->n;
+      int n_dyn = 0;
+      for (int c = 0; c < A->n_req; ++c) n_dyn += P->layers[A->req_layer[c]].dynamic;
+      int64_t v = npu_ceil_div(A->n, cfg->lanes) * (1 + A->n_req + n_dyn + A->n_fadd);
+      int64_t d = bytes ? cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw) : 0;
+      int64_t s0 = npu_max64(npu_max64(tc.vec_free, add_ready[I[1]]), bytes ? tc.dma_free : 0);
+      int64_t e = s0 + npu_max64(v, d);
+      tc.vec_free = e;
+      if (bytes) tc.dma_free = e;
+      for (int c = 0; c < A->n_req; ++c) ls[A->req_layer[c]].in_ready = npu_max64(ls[A->req_layer[c]].in_ready, e);
+      for (int c = 0; c < A->n_fadd; ++c) add_ready[A->fadd[c] / 2] = npu_max64(add_ready[A->fadd[c] / 2], e);
+      add_end = npu_max64(add_end, e);
+      add_dma += d; add_vec += v; add_bytes += bytes;   /* reported with the layer after the add */
+      continue;
+    }
+    const int32_t li = I[1];
+    const npu_layer_t* L = &P->layers[li];
+    npu_lstate_t* S = &ls[li];
+    double* st = (L->layer < n_stats) ? stats + (int64_t)(L->layer + 1) * NPU_STATS_COLS : NULL;
     const int32_t lo = L->is_unsigned ? 0 : -127, hi = L->is_unsigned ? 255 : 127;
     const int32_t lo4 = L->is_unsigned ? 0 : -8, hi4 = L->is_unsigned ? 15 : 7;
     const int32_t KK = L->KH * L->KW;
     switch (I[0]) {
-      case OP_LDREG: {                       /* K4 <- counts[layer] */
+      case OP_LDREG: {                       /* K4 <- counts[layer]; bias row; mapping variant; jump */
         if (L->layer >= n_counts) { err = "flexiq_npu: counts tensor too short"; break; }
-        k4 = counts[L->layer];
+        int32_t k4 = counts[L->layer];
         if (k4 < 0 || k4 > L->n_groups) { err = "flexiq_npu: count of 4-bit groups out of range"; break; }
-        layer_start = now;
-        st = (L->layer < n_stats) ? stats + (int64_t)(L->layer + 1) * NPU_STATS_COLS : NULL;
-        if (st) { memset(st, 0, sizeof(double) * NPU_STATS_COLS); st[0] = 1; st[11] = k4; }
+        S->k4 = k4;
+        S->brow = bias_row_arg < 0 ? 0 : (bias_row_arg >= L->bias_rows ? L->bias_rows - 1 : bias_row_arg);
+        S->variant = ((const int32_t*)(blob + L->sel_off))[k4];
+        if (S->variant < 0 || S->variant >= I[2]) { err = "flexiq_npu: bad mapping variant"; break; }
+        if (st) {
+          double keep_dma = st[3], keep_bytes = st[14], keep_w = st[8];   /* a PREF may have counted already */
+          memset(st, 0, sizeof(double) * NPU_STATS_COLS);
+          st[0] = 1; st[11] = k4; st[12] = S->variant;
+          if (S->prefetched) { st[3] = keep_dma; st[14] = keep_bytes; st[8] = keep_w; }
+          st[15] = L->in_onchip;
+        }
+        if (L->dynamic && L->in_param < 0) npu_dynamic_shifts(L, qin[li], S->exd, blob);
+        pc = I[3 + S->variant] - 1;          /* jump to the selected mapping */
         break;
       }
       case OP_QUANT: {                       /* float input -> INT8 codes (vector unit, streamed) */
         const DLTensor* X = T[I[2]];
         const float* xf = (const float*)((const char*)X->data + X->byte_offset);
         int64_t n = (int64_t)L->N * L->C * L->H * L->W;
-        int8_t* q = qin[I[1]];
+        int8_t* q = qin[li];
         for (int64_t i = 0; i < n; ++i) q[i] = (int8_t)npu_quant(xf[i], L->act_scale, lo, hi);
-        int64_t d = cfg->dma_setup + npu_ceil_div(n * 5, cfg->dma_bw), v = npu_ceil_div(n, cfg->lanes);
+        if (L->dynamic) npu_dynamic_shifts(L, q, S->exd, blob);
+        /* DRAM read of the float input (+ write of the codes when they do not stay on chip) */
+        int64_t bytes = n * (L->in_onchip ? 4 : 5);
+        int64_t d = cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw);
+        int64_t v = npu_ceil_div(n, cfg->lanes) * (L->dynamic ? 2 : 1);
         int64_t s = npu_max64(tc.dma_free, tc.vec_free), e = s + npu_max64(d, v);
         tc.dma_free = tc.vec_free = e;
-        if (st) { st[3] += d; st[4] += v; }
+        S->in_ready = npu_max64(S->in_ready, e);
+        S->last_end = npu_max64(S->last_end, e);
+        if (st) { st[3] += d; st[4] += v; st[14] += bytes; }
         break;
       }
-      case OP_LDX: {                         /* activation patch -> IBUF bank (zero padding by the DMA) */
+      case OP_LDX: {                         /* activation patch -> IBUF bank (zero padding by the mover) */
         int b = I[2];
         npu_xmeta_t m = {I[3], I[4], I[5], I[6], I[7], I[8], I[9], 0, 0};
         m.rows = (m.ohlen - 1) * L->SH + (L->KH - 1) * L->DH + 1;
         m.hp0 = m.oh0 * L->SH;
         int64_t bytes = (int64_t)m.nlen * m.jlen * m.rows * L->Wp;
         if (bytes > IB) { err = "flexiq_npu: IBUF overflow (codegen tiling bug)"; break; }
-        const int32_t* chan = (const int32_t*)(blob + L->chan_off) + (int64_t)m.gi * L->Cg;
+        const int32_t* chan = (const int32_t*)(blob + L->chan_off) + (m.gi >= 0 ? (int64_t)m.gi * L->Cg : 0);
         int8_t* dst = ibuf[b];
-        const int8_t* src = qin[I[1]];
+        const int8_t* src = qin[li];
         for (int n = 0; n < m.nlen; ++n)
           for (int j = 0; j < m.jlen; ++j) {
-            int64_t c = (int64_t)m.gi * L->Cg + chan[m.j0 + j];
+            int64_t c = m.gi >= 0 ? (int64_t)m.gi * L->Cg + chan[m.j0 + j] : chan[m.j0 + j];
             const int8_t* plane = src + (((int64_t)(m.n0 + n) * L->C + c) * L->H) * L->W;
             for (int r = 0; r < m.rows; ++r) {
               int h = m.hp0 + r - L->PT;
@@ -207,160 +341,277 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
             }
           }
         xm[b] = m;
-        int64_t s = npu_max64(tc.dma_free, tc.x_free[b]);
-        int64_t d = cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw);
+        int64_t s = npu_max64(npu_max64(tc.dma_free, tc.x_free[b]), S->in_ready);
+        int64_t d = L->in_onchip ? 2 + npu_ceil_div(bytes, cfg->sram_bw)          /* ABUF -> IBUF */
+                                 : cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw);
         tc.dma_free = s + d; tc.x_ready[b] = s + d;
-        if (st) { st[3] += d; if (bytes > st[7]) st[7] = (double)bytes; }
+        S->last_end = npu_max64(S->last_end, s + d);
+        if (st) { st[3] += d; if (bytes > st[7]) st[7] = (double)bytes; if (!L->in_onchip) st[14] += bytes; }
         break;
       }
+      case OP_PREF:                          /* the next layer's first weight tile, during this layer */
       case OP_LDW: {                         /* INT8 weights (lowering order) -> WBUF bank */
-        int b = I[2];
-        npu_wmeta_t m = {I[3], I[4], I[5], I[6], I[7]};
-        int64_t bytes = (int64_t)m.olen * m.jlen * KK;
+        const int32_t* J = I;
+        int32_t tl = li;
+        if (I[0] == OP_PREF) {
+          /* I[2]: slot of the next layer, I[3]: pc of its LDREG; its selected variant starts with LDW */
+          tl = I[2];
+          const npu_layer_t* Ln = &P->layers[tl];
+          if (Ln->layer >= n_counts) { err = "flexiq_npu: counts tensor too short"; break; }
+          int32_t k = counts[Ln->layer];
+          if (k < 0 || k > Ln->n_groups) { err = "flexiq_npu: count of 4-bit groups out of range"; break; }
+          int32_t v = ((const int32_t*)(blob + Ln->sel_off))[k];
+          const int32_t* LR = P->code + (int64_t)I[3] * NPU_IW;
+          J = P->code + (int64_t)LR[3 + v] * NPU_IW;
+          if (J[0] != OP_LDW || J[1] != tl) { err = "flexiq_npu: PREF target is not an LDW"; break; }
+          ls[tl].wflip = (last_gemm_wbank ^ 1) ^ J[2];
+          ls[tl].prefetched = 1;
+        } else if (S->prefetched == 1 && I[11] == 1) {
+          S->prefetched = 2;                 /* this first tile came in with the previous layer's PREF */
+          break;
+        }
+        const npu_layer_t* Lw = &P->layers[tl];
+        npu_lstate_t* Sw = &ls[tl];
+        double* sw = (Lw->layer < n_stats) ? stats + (int64_t)(Lw->layer + 1) * NPU_STATS_COLS : NULL;
+        int KKw = Lw->KH * Lw->KW;
+        int b = J[2] ^ Sw->wflip;
+        npu_wmeta_t m = {J[3], J[4], J[5], J[6], J[7]};
+        int64_t bytes = (int64_t)m.olen * m.jlen * KKw;
         if (bytes > WB) { err = "flexiq_npu: WBUF overflow (codegen tiling bug)"; break; }
-        const int8_t* w = (const int8_t*)(blob + L->w_off);
+        const int8_t* w = (const int8_t*)(blob + Lw->w_off);
         for (int o = 0; o < m.olen; ++o) {
-          const int8_t* src = w + (((int64_t)m.gi * L->opg + m.o0 + o) * L->Cg + m.j0) * KK;
-          memcpy(wbuf[b] + (int64_t)o * m.jlen * KK, src, (size_t)m.jlen * KK);
+          const int8_t* src = m.gi >= 0 ? w + (((int64_t)m.gi * Lw->opg + m.o0 + o) * Lw->Cg + m.j0) * KKw
+                                        : w + ((int64_t)m.o0 + o) * KKw;
+          memcpy(wbuf[b] + (int64_t)o * m.jlen * KKw, src, (size_t)m.jlen * KKw);
         }
         wm[b] = m;
         int64_t s = npu_max64(tc.dma_free, tc.w_free[b]);
         int64_t d = cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw);
         tc.dma_free = s + d; tc.w_ready[b] = s + d;
-        if (st) { st[3] += d; if (bytes > st[8]) st[8] = (double)bytes; }
+        if (I[0] == OP_PREF && sw) { sw[3] = 0; sw[14] = 0; sw[8] = 0; }   /* fresh row for the next layer */
+        Sw->last_end = npu_max64(Sw->last_end, s + d);
+        if (sw) { sw[3] += d; sw[14] += bytes; if (bytes > sw[8]) sw[8] = (double)bytes; }
         break;
       }
-      case OP_GEMM: {                        /* output tile block += X . W over the K range in the banks */
-        int xb = I[2], wb = I[3], ob = I[4], acc = I[5];
+      case OP_DWGEMM:
+      case OP_GEMM: {                        /* output tile block (+)= X . W over the K range in the banks */
+        int xb = I[2], wb = I[3] ^ S->wflip, ob = I[4], acc = I[5];
         const npu_xmeta_t* X = &xm[xb];
         const npu_wmeta_t* Wm = &wm[wb];
-        if (X->gi != Wm->gi || X->j0 != Wm->j0 || X->jlen != Wm->jlen) { err = "flexiq_npu: GEMM operand mismatch"; break; }
+        const int dw = I[0] == OP_DWGEMM;
+        if (dw ? (X->gi != -1 || Wm->gi != -1 || X->j0 != Wm->o0 || X->jlen != Wm->olen)
+               : (X->gi != Wm->gi || X->j0 != Wm->j0 || X->jlen != Wm->jlen)) {
+          err = "flexiq_npu: GEMM operand mismatch"; break;
+        }
         npu_ometa_t m = {X->gi, X->n0, X->nlen, X->oh0, X->ohlen, Wm->o0, Wm->olen};
         if (acc && memcmp(&om[ob], &m, sizeof m) != 0) { err = "flexiq_npu: GEMM accumulates into a different tile"; break; }
         int64_t mrows = (int64_t)m.nlen * m.ohlen * L->OW;
         if (mrows * m.olen * 4 > OB) { err = "flexiq_npu: OBUF overflow (codegen tiling bug)"; break; }
-        const int32_t* rank = (const int32_t*)(blob + L->rank_off) + (int64_t)m.gi * L->Cg + X->j0;
-        const int32_t* ex = (const int32_t*)(blob + L->ex_off);
+        const int32_t* rank = (const int32_t*)(blob + L->rank_off) + (dw ? 0 : (int64_t)m.gi * L->Cg) + X->j0;
+        const int32_t* chan = (const int32_t*)(blob + L->chan_off) + X->j0;
+        const int32_t* ex0 = (const int32_t*)(blob + L->ex_off);
         const int32_t* ew = (const int32_t*)(blob + L->ew_off);
-        /* runs of equal rank (channels are sorted by rank); precision per run from K4 */
-        int32_t run_s[1024], run_r[1024], nrun = 0;
-        for (int j = 0; j < X->jlen; ++j) {
-          if (nrun == 0 || rank[j] != run_r[nrun - 1]) {
-            if (nrun == 1024) { err = "flexiq_npu: too many channel runs in one tile"; break; }
-            run_s[nrun] = j; run_r[nrun] = rank[j]; ++nrun;
-          }
-        }
-        if (err) break;
-        /* bit-extraction units: 4-bit codes of the low runs (activations per group, weights per (o, group)) */
+        const int64_t rows_ps = L->N / L->samples;
+        const int32_t k4 = S->k4;
         int64_t xplane = (int64_t)X->rows * L->Wp;
-        for (int n = 0; n < X->nlen; ++n)
-          for (int r = 0; r < nrun; ++r) {
-            int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
-            int low = run_r[r] < k4;
-            for (int j = run_s[r]; j < j1; ++j) {
+        int64_t macs8 = 0, macs4 = 0, kcyc_total = 0;
+        int32_t* out = obuf[ob];
+        if (dw) {
+          /* depthwise mode: column j = channel at sorted position j0 + j, row i = output pixel; the
+           * KH x KW taps stream in time (two taps per cycle in a 4-bit column) */
+          for (int n = 0; n < m.nlen; ++n) {
+            const int32_t* ex = L->dynamic ? S->exd + ((X->n0 + n) / rows_ps) * L->n_groups : ex0;
+            for (int j = 0; j < X->jlen; ++j) {
+              int low = rank[j] < k4;
               const int8_t* s = ibuf[xb] + ((int64_t)n * X->jlen + j) * xplane;
               int8_t* d = xcode + ((int64_t)n * X->jlen + j) * xplane;
               if (!low) { memcpy(d, s, (size_t)xplane); continue; }
-              int32_t e = ex[run_r[r]];
               for (int64_t i = 0; i < xplane; ++i) {
                 int32_t q = L->is_unsigned ? (int32_t)(uint8_t)s[i] : (int32_t)s[i];
-                d[i] = (int8_t)npu_code4(q, e, lo4, hi4);
+                d[i] = (int8_t)npu_code4(q, ex[rank[j]], lo4, hi4);
               }
             }
           }
-        for (int o = 0; o < m.olen; ++o) {
-          int64_t og = (int64_t)m.gi * L->opg + m.o0 + o;
-          for (int r = 0; r < nrun; ++r) {
-            int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
-            int low = run_r[r] < k4;
-            int32_t e = ew[og * L->n_groups + run_r[r]];
-            const int8_t* s = wbuf[wb] + ((int64_t)o * X->jlen + run_s[r]) * KK;
-            int8_t* d = wcode + ((int64_t)o * X->jlen + run_s[r]) * KK;
-            for (int64_t i = 0; i < (int64_t)(j1 - run_s[r]) * KK; ++i)
-              d[i] = low ? (int8_t)npu_code4(s[i], e, -8, 7) : s[i];
+          for (int j = 0; j < X->jlen; ++j) {
+            int low = rank[j] < k4;
+            int32_t e = ew[(int64_t)chan[j] * L->n_groups + rank[j]];
+            for (int i = 0; i < KK; ++i) {
+              int8_t s = wbuf[wb][(int64_t)j * KK + i];
+              wcode[(int64_t)j * KK + i] = low ? (int8_t)npu_code4(s, e, -8, 7) : s;
+            }
           }
-        }
-        /* the array: every PE (m, o) accumulates; a low run's partial sum is shifted at its end */
-        int32_t* out = obuf[ob];
-        int64_t macs8 = 0, macs4 = 0;
-        for (int n = 0; n < m.nlen; ++n)
-          for (int oh = 0; oh < m.ohlen; ++oh)
-            for (int ow = 0; ow < L->OW; ++ow) {
-              int64_t mi = ((int64_t)n * m.ohlen + oh) * L->OW + ow;
-              int hb = oh * L->SH, wb0 = ow * L->SW;
-              for (int o = 0; o < m.olen; ++o) {
-                int64_t og = (int64_t)m.gi * L->opg + m.o0 + o;
-                int64_t a = acc ? (int64_t)out[mi * m.olen + o] : 0;
-                for (int r = 0; r < nrun; ++r) {
-                  int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
-                  int low = run_r[r] < k4;
+          for (int n = 0; n < m.nlen; ++n) {
+            const int32_t* ex = L->dynamic ? S->exd + ((X->n0 + n) / rows_ps) * L->n_groups : ex0;
+            for (int oh = 0; oh < m.ohlen; ++oh)
+              for (int ow = 0; ow < L->OW; ++ow) {
+                int64_t mi = ((int64_t)n * m.ohlen + oh) * L->OW + ow;
+                int hb = oh * L->SH, wb0 = ow * L->SW;
+                for (int j = 0; j < X->jlen; ++j) {
+                  int low = rank[j] < k4;
+                  const int8_t* xp = xcode + ((int64_t)n * X->jlen + j) * xplane;
+                  const int8_t* wp = wcode + (int64_t)j * KK;
                   int64_t p = 0;
-                  for (int j = run_s[r]; j < j1; ++j) {
-                    const int8_t* xp = xcode + ((int64_t)n * X->jlen + j) * xplane;
-                    const int8_t* wp = wcode + ((int64_t)o * X->jlen + j) * KK;
-                    for (int kh = 0; kh < L->KH; ++kh) {
-                      const int8_t* xr = xp + (int64_t)(hb + kh * L->DH) * L->Wp + wb0;
-                      for (int kw = 0; kw < L->KW; ++kw) {
-                        int32_t xv = (L->is_unsigned && !low) ? (int32_t)(uint8_t)xr[kw * L->DW] : (int32_t)xr[kw * L->DW];
-                        p += (int64_t)xv * (int64_t)wp[kh * L->KW + kw];
-                      }
+                  for (int kh = 0; kh < L->KH; ++kh) {
+                    const int8_t* xr = xp + (int64_t)(hb + kh * L->DH) * L->Wp + wb0;
+                    for (int kw = 0; kw < L->KW; ++kw) {
+                      int32_t xv = (L->is_unsigned && !low) ? (int32_t)(uint8_t)xr[kw * L->DW] : (int32_t)xr[kw * L->DW];
+                      p += (int64_t)xv * (int64_t)wp[kh * L->KW + kw];
                     }
                   }
-                  if (low) a += p * ((int64_t)1 << (ew[og * L->n_groups + run_r[r]] + ex[run_r[r]]));
+                  int64_t a = acc ? (int64_t)out[mi * m.olen + j] : 0;
+                  if (low) a += p * ((int64_t)1 << (ew[(int64_t)chan[j] * L->n_groups + rank[j]] + ex[rank[j]]));
                   else a += p;
+                  out[mi * m.olen + j] = (int32_t)a;
                 }
-                out[mi * m.olen + o] = (int32_t)a;
+              }
+          }
+          /* cycles: per block of `cols` channels, ceil(mrows / rows) passes of KK cycles (8-bit) or
+           * ceil(KK / 2) (all columns 4-bit); a pass is at least the accumulator drain */
+          int64_t mp = npu_ceil_div(mrows, R);
+          for (int c0 = 0; c0 < X->jlen; c0 += Ccols) {
+            int c1 = c0 + Ccols < X->jlen ? c0 + Ccols : X->jlen, all_low = 1;
+            for (int j = c0; j < c1; ++j) {
+              if (rank[j] < k4) macs4 += (int64_t)KK * mrows; else { macs8 += (int64_t)KK * mrows; all_low = 0; }
+            }
+            int64_t kc = all_low ? (KK + 1) / 2 : KK;
+            kcyc_total += mp * npu_max64(kc, cfg->drain);
+          }
+        } else {
+          /* runs of equal rank (channels are sorted by rank); precision per run from K4 */
+          int32_t run_s[1024], run_r[1024], nrun = 0;
+          for (int j = 0; j < X->jlen; ++j) {
+            if (nrun == 0 || rank[j] != run_r[nrun - 1]) {
+              if (nrun == 1024) { err = "flexiq_npu: too many channel runs in one tile"; break; }
+              run_s[nrun] = j; run_r[nrun] = rank[j]; ++nrun;
+            }
+          }
+          if (err) break;
+          /* bit-extraction units: 4-bit codes of the low runs (activations per group, weights per (o, group)) */
+          for (int n = 0; n < X->nlen; ++n) {
+            const int32_t* ex = L->dynamic ? S->exd + ((X->n0 + n) / rows_ps) * L->n_groups : ex0;
+            for (int r = 0; r < nrun; ++r) {
+              int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
+              int low = run_r[r] < k4;
+              for (int j = run_s[r]; j < j1; ++j) {
+                const int8_t* s = ibuf[xb] + ((int64_t)n * X->jlen + j) * xplane;
+                int8_t* d = xcode + ((int64_t)n * X->jlen + j) * xplane;
+                if (!low) { memcpy(d, s, (size_t)xplane); continue; }
+                int32_t e = ex[run_r[r]];
+                for (int64_t i = 0; i < xplane; ++i) {
+                  int32_t q = L->is_unsigned ? (int32_t)(uint8_t)s[i] : (int32_t)s[i];
+                  d[i] = (int8_t)npu_code4(q, e, lo4, hi4);
+                }
               }
             }
-        /* cycles: passes of R x C outputs; per pass each run streams len*KK (8-bit) or
-         * ceil(len*KK/2) (dual 4-bit) cycles; draining R accumulator rows bounds a pass from below */
-        int64_t kcyc = 0;
-        for (int r = 0; r < nrun; ++r) {
-          int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
-          int64_t len = (int64_t)(j1 - run_s[r]) * KK;
-          int low = run_r[r] < k4;
-          kcyc += low ? (len + 1) / 2 : len;
-          if (low) macs4 += len * mrows * m.olen; else macs8 += len * mrows * m.olen;
+          }
+          for (int o = 0; o < m.olen; ++o) {
+            int64_t og = (int64_t)m.gi * L->opg + m.o0 + o;
+            for (int r = 0; r < nrun; ++r) {
+              int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
+              int low = run_r[r] < k4;
+              int32_t e = ew[og * L->n_groups + run_r[r]];
+              const int8_t* s = wbuf[wb] + ((int64_t)o * X->jlen + run_s[r]) * KK;
+              int8_t* d = wcode + ((int64_t)o * X->jlen + run_s[r]) * KK;
+              for (int64_t i = 0; i < (int64_t)(j1 - run_s[r]) * KK; ++i)
+                d[i] = low ? (int8_t)npu_code4(s[i], e, -8, 7) : s[i];
+            }
+          }
+          /* the array: every PE (m, o) accumulates; a low run's partial sum is shifted at its end */
+          for (int n = 0; n < m.nlen; ++n) {
+            const int32_t* ex = L->dynamic ? S->exd + ((X->n0 + n) / rows_ps) * L->n_groups : ex0;
+            for (int oh = 0; oh < m.ohlen; ++oh)
+              for (int ow = 0; ow < L->OW; ++ow) {
+                int64_t mi = ((int64_t)n * m.ohlen + oh) * L->OW + ow;
+                int hb = oh * L->SH, wb0 = ow * L->SW;
+                for (int o = 0; o < m.olen; ++o) {
+                  int64_t og = (int64_t)m.gi * L->opg + m.o0 + o;
+                  int64_t a = acc ? (int64_t)out[mi * m.olen + o] : 0;
+                  for (int r = 0; r < nrun; ++r) {
+                    int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
+                    int low = run_r[r] < k4;
+                    int64_t p = 0;
+                    for (int j = run_s[r]; j < j1; ++j) {
+                      const int8_t* xp = xcode + ((int64_t)n * X->jlen + j) * xplane;
+                      const int8_t* wp = wcode + ((int64_t)o * X->jlen + j) * KK;
+                      for (int kh = 0; kh < L->KH; ++kh) {
+                        const int8_t* xr = xp + (int64_t)(hb + kh * L->DH) * L->Wp + wb0;
+                        for (int kw = 0; kw < L->KW; ++kw) {
+                          int32_t xv = (L->is_unsigned && !low) ? (int32_t)(uint8_t)xr[kw * L->DW] : (int32_t)xr[kw * L->DW];
+                          p += (int64_t)xv * (int64_t)wp[kh * L->KW + kw];
+                        }
+                      }
+                    }
+                    if (low) a += p * ((int64_t)1 << (ew[og * L->n_groups + run_r[r]] + ex[run_r[r]]));
+                    else a += p;
+                  }
+                  out[mi * m.olen + o] = (int32_t)a;
+                }
+              }
+          }
+          /* cycles: passes of R x C outputs; per pass each run streams len*KK (8-bit) or
+           * ceil(len*KK/2) (dual 4-bit) cycles; a pass is at least the accumulator drain */
+          int64_t kcyc = 0;
+          for (int r = 0; r < nrun; ++r) {
+            int j1 = (r + 1 < nrun) ? run_s[r + 1] : X->jlen;
+            int64_t len = (int64_t)(j1 - run_s[r]) * KK;
+            int low = run_r[r] < k4;
+            kcyc += low ? (len + 1) / 2 : len;
+            if (low) macs4 += len * mrows * m.olen; else macs8 += len * mrows * m.olen;
+          }
+          int64_t passes = npu_ceil_div(mrows, R) * npu_ceil_div(m.olen, Ccols);
+          kcyc_total = passes * npu_max64(kcyc, cfg->drain);
         }
-        int64_t passes = npu_ceil_div(mrows, R) * npu_ceil_div(m.olen, Ccols);
-        int64_t dur = cfg->fill + passes * npu_max64(kcyc, R);
         int64_t s = npu_max64(tc.arr_free, npu_max64(tc.x_ready[xb], tc.w_ready[wb]));
         s = npu_max64(s, acc ? tc.o_ready[ob] : tc.o_free[ob]);
+        /* the skew fill is paid when the array starts from idle; back-to-back instructions stream
+         * their operands in while the previous accumulators move to the shadow registers */
+        int64_t dur = (s > tc.arr_free ? cfg->fill : 0) + kcyc_total;
         int64_t e = s + dur;
         tc.arr_free = e;
         tc.x_free[xb] = npu_max64(tc.x_free[xb], e);
         tc.w_free[wb] = npu_max64(tc.w_free[wb], e);
         tc.o_ready[ob] = e; tc.o_free[ob] = npu_max64(tc.o_free[ob], e);
+        last_gemm_wbank = wb;
         om[ob] = m;
+        S->last_end = npu_max64(S->last_end, e);
         if (st) { st[2] += dur; st[5] += macs8; st[6] += macs4; st[10] += 1;
                   double ob_bytes = (double)(mrows * m.olen * 4); if (ob_bytes > st[9]) st[9] = ob_bytes; }
         break;
       }
-      case OP_VEC: {                         /* dequantize + bias (+ ReLU), in place, float32 */
+      case OP_VEC: {                         /* dequantize + bias (+ ReLU / ReLU6), in place, float32 */
         int b = I[2];
         const npu_ometa_t* m = &om[b];
         const float* sc = (const float*)(blob + L->scale_off);
-        const float* bi = (const float*)(blob + L->bias_off);
+        const float* bi = (const float*)(blob + L->bias_off) + (int64_t)S->brow * L->O;
+        const int32_t* chan = (const int32_t*)(blob + L->chan_off);
         int64_t mrows = (int64_t)m->nlen * m->ohlen * L->OW;
         float* f = (float*)obuf[b];
         for (int64_t mi = 0; mi < mrows; ++mi)
           for (int o = 0; o < m->olen; ++o) {
-            int64_t og = (int64_t)m->gi * L->opg + m->o0 + o;
+            int64_t og = m->gi >= 0 ? (int64_t)m->gi * L->opg + m->o0 + o : chan[m->o0 + o];
             float p = (float)obuf[b][mi * m->olen + o] * sc[og];
             float y = p + bi[og];
-            if (L->relu && y < 0.0f) y = 0.0f;
+            if (L->act) { if (y < L->act_lo) y = L->act_lo; if (y > L->act_hi) y = L->act_hi; }
             f[mi * m->olen + o] = y;
           }
-        int64_t v = npu_ceil_div(mrows * m->olen, cfg->lanes) * (1 + L->n_req);
+        int n_dyn = 0;                       /* dynamic consumers: max tracking while requantizing */
+        for (int c = 0; c < L->n_req; ++c) n_dyn += P->layers[L->req_layer[c]].dynamic;
+        /* the output stage is a pipeline (dequantize, bias, activation, requantize, write): one pass
+         * writes the float result and the first copy; each further copy takes another pass, and a
+         * dynamic consumer's max tracking one more */
+        int64_t passes = L->n_req + L->n_fadd > 1 ? L->n_req + L->n_fadd : 1;
+        int64_t v = npu_ceil_div(mrows * m->olen, cfg->lanes) * (passes + n_dyn);
         int64_t s = npu_max64(tc.vec_free, tc.o_ready[b]), e = s + v;
         tc.vec_free = e; tc.o_ready[b] = e; tc.o_free[b] = npu_max64(tc.o_free[b], e);
+        S->last_end = npu_max64(S->last_end, e);
         if (st) st[4] += v;
         break;
       }
-      case OP_ST: {                          /* float result and/or requantized INT8 copies -> DRAM */
+      case OP_ST: {                          /* float result -> DRAM; INT8 copies -> ABUF or DRAM */
         int b = I[2];
         const npu_ometa_t* m = &om[b];
         const float* f = (const float*)obuf[b];
+        const int32_t* chan = (const int32_t*)(blob + L->chan_off);
         float* y = NULL;
         if (L->out_index >= 0) {
           DLTensor* Y = T[P->n_params + L->out_index];
@@ -372,7 +623,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
             for (int ow = 0; ow < L->OW; ++ow) {
               int64_t mi = ((int64_t)n * m->ohlen + oh) * L->OW + ow;
               for (int o = 0; o < m->olen; ++o) {
-                int64_t og = (int64_t)m->gi * L->opg + m->o0 + o;
+                int64_t og = m->gi >= 0 ? (int64_t)m->gi * L->opg + m->o0 + o : chan[m->o0 + o];
                 float v = f[mi * m->olen + o];
                 int64_t idx = (((int64_t)(m->n0 + n) * L->O + og) * L->OH + (m->oh0 + oh)) * L->OW + ow;
                 if (y) y[idx] = v;
@@ -381,27 +632,51 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
                   int32_t clo = Lc->is_unsigned ? 0 : -127, chi = Lc->is_unsigned ? 255 : 127;
                   qin[L->req_layer[c]][idx] = (int8_t)npu_quant(v, Lc->act_scale, clo, chi);
                 }
+                for (int c = 0; c < L->n_fadd; ++c) fin[L->fadd[c]][idx] = v;
                 ++elems;
               }
             }
-        int64_t bytes = elems * ((y ? 4 : 0) + L->n_req);
+        int n_off = 0;
+        for (int c = 0; c < L->n_req; ++c) n_off += !P->layers[L->req_layer[c]].in_onchip;
+        for (int c = 0; c < L->n_fadd; ++c) n_off += P->adds[L->fadd[c] / 2].onchip[L->fadd[c] % 2] ? 0 : 4;
+        int64_t bytes = elems * ((y ? 4 : 0) + n_off);
         int64_t s = npu_max64(tc.dma_free, tc.o_ready[b]);
-        int64_t d = cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw);
-        tc.dma_free = s + d; tc.o_free[b] = s + d;
-        if (st) st[3] += d;
+        int64_t d = bytes ? cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw) : 0;
+        if (bytes) tc.dma_free = s + d;
+        tc.o_free[b] = npu_max64(tc.o_free[b], s + d);
+        S->last_end = npu_max64(S->last_end, s + d);
+        if (st) { st[3] += d; st[14] += bytes; }
         break;
       }
-      case OP_SYNC: {
-        npu_sync(&tc, &now);
-        if (st) st[1] = (double)(now - layer_start);
+      case OP_SYNC: {                        /* the layer ends when its own work is done; jump past variants */
+        int64_t end = npu_max64(npu_max64(prev_end, S->last_end), add_end);   /* adds before it count here */
+        if (st) { st[1] = (double)(end - prev_end); st[13] = I[3]; }
+        last_st = st;
+        if (st) { st[3] += add_dma; st[4] += add_vec; st[14] += add_bytes; }
+        add_dma = add_vec = add_bytes = 0;
+        for (int c = 0; c < L->n_fadd; ++c) add_ready[L->fadd[c] / 2] = npu_max64(add_ready[L->fadd[c] / 2], end);
+        for (int c = 0; c < L->n_req; ++c) {
+          npu_lstate_t* C = &ls[L->req_layer[c]];
+          C->in_ready = npu_max64(C->in_ready, end);
+        }
+        prev_end = end;
+        S->prefetched = 0; S->wflip = 0;
+        pc = I[2] - 1;
         break;
       }
       default: err = "flexiq_npu: illegal instruction";
     }
   }
+  if (!err && last_st) {                     /* trailing adds count with the last layer */
+    if (add_end > prev_end) last_st[1] += (double)(add_end - prev_end);
+    last_st[3] += add_dma; last_st[4] += add_vec; last_st[14] += add_bytes;
+  }
   for (int b = 0; b < 2; ++b) { free(ibuf[b]); free(wbuf[b]); free(obuf[b]); }
   free(xcode); free(wcode);
+  if (fin) { for (int a = 0; a < 2 * P->n_adds; ++a) free(fin[a]); free(fin); }
+  free(add_ready);
   if (qin) { for (int l = 0; l < P->n_layers; ++l) free(qin[l]); free(qin); }
+  if (ls) { for (int l = 0; l < P->n_layers; ++l) free(ls[l].exd); free(ls); }
   if (err) return npu_fail(err);
   return 0;
 }

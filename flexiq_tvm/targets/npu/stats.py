@@ -6,15 +6,16 @@ import numpy as np
 from ...errors import FlexiQError
 
 COLS = ("valid", "total", "compute", "dma", "vector", "macs8", "macs4", "ibuf_max", "wbuf_max", "obuf_max",
-        "gemm_instr", "k4")
+        "gemm_instr", "k4", "variant", "spill", "dram_bytes", "onchip_in")
 
 
 def decode(table: np.ndarray, names=None) -> dict:
-    """table: float64[(L + 1), 12]; row 0 = configuration header, row 1 + i = layer i."""
+    """table: float64[(L + 1), 16]; row 0 = configuration header, row 1 + i = layer i."""
     h = table[0]
     cfg = {"rows": int(h[0]), "cols": int(h[1]), "ibuf_bytes": int(h[2]), "wbuf_bytes": int(h[3]),
            "obuf_bytes": int(h[4]), "dma_bytes_per_cycle": int(h[5]), "dma_setup_cycles": int(h[6]),
-           "vector_lanes": int(h[7]), "clock_mhz": float(h[8])}
+           "vector_lanes": int(h[7]), "clock_mhz": float(h[8]), "abuf_bytes": int(h[12]),
+           "sram_bytes_per_cycle": int(h[13])}
     pes = cfg["rows"] * cfg["cols"]
     layers = []
     for i, row in enumerate(table[1:]):
@@ -30,6 +31,12 @@ def decode(table: np.ndarray, names=None) -> dict:
         d["compute_utilization"] = slots / (pes * d["compute"]) if d["compute"] else 0.0
         d["bound"] = "compute" if d["compute"] >= max(d["dma"], d["vector"]) else \
             ("dma" if d["dma"] >= d["vector"] else "vector")
+        if d["total"] > 1.5 * max(d["compute"], d["dma"], d["vector"], 1):
+            # no unit is busy most of the time: a small layer whose time is its serial chain (input
+            # ready -> load -> GEMM -> output stage -> store, behind the next layer's weight prefetch)
+            d["bound"] = "latency"
+        d["spill"] = bool(d["spill"])
+        d["onchip_in"] = bool(d["onchip_in"])
         layers.append(d)
     total = sum(l["total"] for l in layers)
     return {"config": cfg, "layers": layers, "total_cycles": total,
