@@ -176,7 +176,7 @@ def test_tiny_fixed_batch_model_every_target_and_reload(export_dir, tmp_path):
         for r in (0.0, 0.5, 1.0):
             assert np.array_equal(outs[("llvm", r)], outs[("npu", r)]), r
         for arch in ("sm_80", "sm_90"):
-            cm = fq.compile(model, plan, target="cuda", arch=arch, batch_size=1)
+            cm = fq.compile(model, plan, target="cuda", arch=arch, batch_size=1, allow_padded_groups=True)
             cm.set_ratio(0.5)                     # a ratio is set before any device exists
             so = str(tmp_path / f"cuda_{arch}.so")
             cm.export(so)
@@ -198,7 +198,7 @@ def test_torch_and_onnx_frontends_share_a_plan(export_dir):
     for r in (0.0, 0.5, 1.0):
         a.set_ratio(r)
         b.set_ratio(r)
-        np.testing.assert_allclose(a(x[:4]), b(x[:4]), rtol=0, atol=1e-5)
+        assert np.array_equal(a(x[:4]), b(x[:4])), r
 
 
 def _spatially_dynamic(path):
