@@ -35,6 +35,17 @@ def rel_err(y, ref):
     return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
 
 
+def small_classifier(path, classes, act="Relu", **act_attrs):
+    """conv -> activation -> global pool -> flatten -> Gemm, 3x8x8 input, written to `path`."""
+    g = GraphBuilder((3, 8, 8))
+    g.conv(3, 8, 3, 1, 1)
+    g.node(act, [g.cur], **act_attrs)
+    g.gap()
+    g.flatten()
+    g.gemm(8, classes)
+    return g.save(path)
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("corpus")
@@ -128,18 +139,12 @@ def test_pinned_batch_runs_in_chunks_and_names_the_node(export_dir, caplog):
     assert y.shape == ref.shape and rel_err(y, ref) < 0.05
 
 
-def test_relax_module_with_a_fixed_batch(graph):
+def test_relax_module_with_a_fixed_batch(tmp_path):
     """A user's own Relax module (from their TVM pipeline) whose main declares batch 3: quantized and
     run in chunks of 3."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    g = graph((3, 8, 8))
-    g.conv(3, 8, 3, 1, 1)
-    g.relu()
-    g.gap()
-    g.flatten()
-    g.gemm(8, 5)
-    proto = onnx.load(g.save(os.path.join(os.environ["FLEXIQ_TVM_CACHE"], "fixed3.onnx")))
+    proto = onnx.load(small_classifier(tmp_path / "fixed3.onnx", 5))
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 3
     model = fq.load_model(from_onnx(proto))
     assert model.fixed_batch == 3
@@ -257,13 +262,7 @@ def test_cli_input_shape(tmp_path):
 def test_unimportable_node_is_named(tmp_path):
     """An op TVM 0.27 cannot import (Celu): the error names the file, the op and the node, and says
     what ONNX Runtime makes of the file."""
-    g = GraphBuilder((3, 8, 8))
-    g.conv(3, 8, 3, 1, 1)
-    g.node("Celu", [g.cur], alpha=1.0)
-    g.gap()
-    g.flatten()
-    g.gemm(8, 4)
-    path = g.save(tmp_path / "celu.onnx")
+    path = small_classifier(tmp_path / "celu.onnx", 4, act="Celu", alpha=1.0)
     with pytest.raises(ModelError) as e:
         fq.load_model(path)
     msg = str(e.value)
@@ -276,13 +275,7 @@ def test_import_that_changes_the_function_is_refused(tmp_path, monkeypatch):
     naming the output (here TVM gets a copy of the file whose Gemm bias was altered)."""
     from flexiq_tvm.frontend import onnx_import
 
-    g = GraphBuilder((3, 8, 8))
-    g.conv(3, 8, 3, 1, 1)
-    g.relu()
-    g.gap()
-    g.flatten()
-    g.gemm(8, 4)
-    path = g.save(tmp_path / "m.onnx")
+    path = small_classifier(tmp_path / "m.onnx", 4)
     real = onnx_import.to_relax
 
     def altered(proto, where):

@@ -486,20 +486,27 @@ def gemm_tc_source(shp: GemmShape, layout: TCLayout, layer_index: int, num_layer
             with e.block("for c in range(4):"):
                 m = "bx * %d + ty * 16 + lane // 4 + c // 2 * 8" % BM
                 o = f"by * {BN} + j * 8 + lane % 4 * 2 + c % 2"
-                with e.block(f"if {m} < {M} and {o} < {O}:"):
-                    a = f"T.Cast(\"float32\", acc[{L}j * 4 + c])"
-                    if emu:
-                        val = (f"T.call_llvm_pure_intrin(\"float32\", \"llvm.arithmetic.fence\", {a} * scale[{o}])"
-                               f" + bias[{o}]")
-                    else:
-                        val = (f"T.call_pure_extern(\"float32\", \"__fadd_rn\", T.call_pure_extern(\"float32\", "
-                               f"\"__fmul_rn\", {a}, scale[{o}]), bias[{o}])")
-                    if shp.dense:
-                        e(f"y[{m}, {o}] = {val}")
-                    else:
-                        OHW = shp.OH * shp.OW
-                        e(f"y[({m}) // {OHW}, {o}, ({m}) // {shp.OW} % {shp.OH}, ({m}) % {shp.OW}] = {val}")
+                _epilogue_store(e, shp, m, o, f"acc[{L}j * 4 + c]", M, O, emu)
     return "\n".join(out + e.lines) + "\n"
+
+
+def _epilogue_store(e, shp: GemmShape, m: str, o: str, acc: str, M: int, O: int, emu: bool) -> None:
+    """`y[m, o] = f32(acc) * scale[o] + bias[o]` with two roundings and no FMA, like numpy: in
+    CUDA through `__fmul_rn` / `__fadd_rn`, in the llvm emulation through an arithmetic fence.
+    Shared by both tensor-core kernels so they round identically."""
+    with e.block(f"if {m} < {M} and {o} < {O}:"):
+        a = f"T.Cast(\"float32\", {acc})"
+        if emu:
+            val = (f"T.call_llvm_pure_intrin(\"float32\", \"llvm.arithmetic.fence\", {a} * scale[{o}])"
+                   f" + bias[{o}]")
+        else:
+            val = (f"T.call_pure_extern(\"float32\", \"__fadd_rn\", T.call_pure_extern(\"float32\", "
+                   f"\"__fmul_rn\", {a}, scale[{o}]), bias[{o}])")
+        if shp.dense:
+            e(f"y[{m}, {o}] = {val}")
+        else:
+            OHW = shp.OH * shp.OW
+            e(f"y[({m}) // {OHW}, {o}, ({m}) // {shp.OW} % {shp.OH}, ({m}) % {shp.OW}] = {val}")
 
 
 def _i32(v: str) -> str:
@@ -925,17 +932,5 @@ def gemm_tc_staged_source(shp: GemmShape, layout: TCLayout, layer_index: int, nu
                 with e.block(f"for c in {U(4)}:"):
                     m = f"bx * {BM} + {wmi} * {16 * MI} + mi * 16 + {lane} // 4 + c // 2 * 8"
                     o = f"by * {BN} + {wni} * {8 * NI} + j * 8 + {lane} % 4 * 2 + c % 2"
-                    with e.block(f"if {m} < {M} and {o} < {O}:"):
-                        a = f"T.Cast(\"float32\", {R('acc', f'(mi * {NI} + j) * 4 + c')})"
-                        if emu:
-                            val = (f"T.call_llvm_pure_intrin(\"float32\", \"llvm.arithmetic.fence\", {a} * scale[{o}])"
-                                   f" + bias[{o}]")
-                        else:
-                            val = (f"T.call_pure_extern(\"float32\", \"__fadd_rn\", T.call_pure_extern(\"float32\", "
-                                   f"\"__fmul_rn\", {a}, scale[{o}]), bias[{o}])")
-                        if shp.dense:
-                            e(f"y[{m}, {o}] = {val}")
-                        else:
-                            OHW = shp.OH * shp.OW
-                            e(f"y[({m}) // {OHW}, {o}, ({m}) // {shp.OW} % {shp.OH}, ({m}) % {shp.OW}] = {val}")
+                    _epilogue_store(e, shp, m, o, R('acc', f'(mi * {NI} + j) * 4 + c'), M, O, emu)
     return "\n".join(out + e.lines) + "\n"

@@ -117,6 +117,19 @@ static inline int32_t npu_quant(float x, float s, int32_t lo, int32_t hi) {
 }
 static inline int64_t npu_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+/* A finished float value goes to every on-NPU consumer: requantized into each consumer layer's INT8
+   input (with that layer's scale and signedness), and as a float copy for each residual add. */
+static inline void npu_fan_out(const npu_program_t* P, int8_t** qin, float** fin, int32_t n_req,
+                               const int32_t* req_layer, int32_t n_fadd, const int32_t* fadd, int64_t idx,
+                               float v) {
+  for (int c = 0; c < n_req; ++c) {
+    const npu_layer_t* Lc = &P->layers[req_layer[c]];
+    int32_t clo = Lc->is_unsigned ? 0 : -127, chi = Lc->is_unsigned ? 255 : 127;
+    qin[req_layer[c]][idx] = (int8_t)npu_quant(v, Lc->act_scale, clo, chi);
+  }
+  for (int c = 0; c < n_fadd; ++c) fin[fadd[c]][idx] = v;
+}
+
 typedef struct { int32_t gi, n0, nlen, oh0, ohlen, j0, jlen, rows, hp0; } npu_xmeta_t;
 typedef struct { int32_t gi, o0, olen, j0, jlen; } npu_wmeta_t;
 typedef struct { int32_t gi, n0, nlen, oh0, ohlen, o0, olen; } npu_ometa_t;
@@ -245,12 +258,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
         float v = src[0][i] + src[1][i];
         if (A->act) { if (v < A->act_lo) v = A->act_lo; if (v > A->act_hi) v = A->act_hi; }
         if (y) y[i] = v;
-        for (int c = 0; c < A->n_req; ++c) {
-          const npu_layer_t* Lc = &P->layers[A->req_layer[c]];
-          int32_t clo = Lc->is_unsigned ? 0 : -127, chi = Lc->is_unsigned ? 255 : 127;
-          qin[A->req_layer[c]][i] = (int8_t)npu_quant(v, Lc->act_scale, clo, chi);
-        }
-        for (int c = 0; c < A->n_fadd; ++c) fin[A->fadd[c]][i] = v;
+        npu_fan_out(P, qin, fin, A->n_req, A->req_layer, A->n_fadd, A->fadd, i, v);
       }
       int64_t bytes = 0;                     /* DRAM traffic: operands not on chip, host output, spilled copies */
       for (int k = 0; k < 2; ++k) bytes += A->onchip[k] ? 0 : 4 * (int64_t)A->n;
@@ -627,12 +635,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
                 float v = f[mi * m->olen + o];
                 int64_t idx = (((int64_t)(m->n0 + n) * L->O + og) * L->OH + (m->oh0 + oh)) * L->OW + ow;
                 if (y) y[idx] = v;
-                for (int c = 0; c < L->n_req; ++c) {
-                  const npu_layer_t* Lc = &P->layers[L->req_layer[c]];
-                  int32_t clo = Lc->is_unsigned ? 0 : -127, chi = Lc->is_unsigned ? 255 : 127;
-                  qin[L->req_layer[c]][idx] = (int8_t)npu_quant(v, Lc->act_scale, clo, chi);
-                }
-                for (int c = 0; c < L->n_fadd; ++c) fin[L->fadd[c]][idx] = v;
+                npu_fan_out(P, qin, fin, L->n_req, L->req_layer, L->n_fadd, L->fadd, idx, v);
                 ++elems;
               }
             }
