@@ -304,13 +304,7 @@ def gemm_tc_source(shp: GemmShape, layout: TCLayout, layer_index: int, num_layer
     L = "lane, " if emu else ""        # register-file index prefix
     scope = "global" if emu else "local"
     e = _Emitter(emu)
-    yshape = f"({M}, {O})" if shp.dense else f"({shp.N}, {O}, {shp.OH}, {shp.OW})"
-    out = ["@T.prim_func",
-           f"def gemm(xq: T.Buffer(({shp.N}, {shp.Hp}, {shp.Wp}, {Kc}), \"{adt}\"), "
-           f"w: T.Buffer(({O}, {shp.KH}, {shp.KW}, {Kc}), \"int8\"), counts: T.Buffer(({num_layers},), \"int32\"), "
-           f"ex: T.Buffer(({G},), \"int32\"), ew: T.Buffer(({O}, {G}), \"int32\"), "
-           f"scale: T.Buffer(({O},), \"float32\"), bias: T.Buffer(({O},), \"float32\"), "
-           f"y: T.Buffer({yshape}, \"float32\")):"]
+    out = _gemm_signature(shp, M, O, Kc, G, num_layers, adt)
     e('T.func_attr({"tirx.noalias": True})')
     if emu:
         e(f"for bx in range({GX}):"); e.ind += 1
@@ -488,6 +482,17 @@ def gemm_tc_source(shp: GemmShape, layout: TCLayout, layer_index: int, num_layer
                 o = f"by * {BN} + j * 8 + lane % 4 * 2 + c % 2"
                 _epilogue_store(e, shp, m, o, f"acc[{L}j * 4 + c]", M, O, emu)
     return "\n".join(out + e.lines) + "\n"
+
+
+def _gemm_signature(shp: GemmShape, M: int, O: int, Kc: int, G: int, num_layers: int, adt: str) -> List[str]:
+    """The PrimFunc header both tensor-core kernels share (the CUDA target binds these buffers)."""
+    yshape = f"({M}, {O})" if shp.dense else f"({shp.N}, {O}, {shp.OH}, {shp.OW})"
+    return ["@T.prim_func",
+            f"def gemm(xq: T.Buffer(({shp.N}, {shp.Hp}, {shp.Wp}, {Kc}), \"{adt}\"), "
+            f"w: T.Buffer(({O}, {shp.KH}, {shp.KW}, {Kc}), \"int8\"), counts: T.Buffer(({num_layers},), \"int32\"), "
+            f"ex: T.Buffer(({G},), \"int32\"), ew: T.Buffer(({O}, {G}), \"int32\"), "
+            f"scale: T.Buffer(({O},), \"float32\"), bias: T.Buffer(({O},), \"float32\"), "
+            f"y: T.Buffer({yshape}, \"float32\")):"]
 
 
 def _epilogue_store(e, shp: GemmShape, m: str, o: str, acc: str, M: int, O: int, emu: bool) -> None:
@@ -679,13 +684,7 @@ def gemm_tc_staged_source(shp: GemmShape, layout: TCLayout, layer_index: int, nu
             if emu:
                 e.ind -= 1
 
-    yshape = f"({M}, {O})" if shp.dense else f"({shp.N}, {O}, {shp.OH}, {shp.OW})"
-    out = ["@T.prim_func",
-           f"def gemm(xq: T.Buffer(({shp.N}, {shp.Hp}, {shp.Wp}, {Kc}), \"{adt}\"), "
-           f"w: T.Buffer(({O}, {shp.KH}, {shp.KW}, {Kc}), \"int8\"), counts: T.Buffer(({num_layers},), \"int32\"), "
-           f"ex: T.Buffer(({G},), \"int32\"), ew: T.Buffer(({O}, {G}), \"int32\"), "
-           f"scale: T.Buffer(({O},), \"float32\"), bias: T.Buffer(({O},), \"float32\"), "
-           f"y: T.Buffer({yshape}, \"float32\")):"]
+    out = _gemm_signature(shp, M, O, Kc, G, num_layers, adt)
     e('T.func_attr({"tirx.noalias": True})')
     if emu:
         e(f"for bx in range({GX}):"); e.ind += 1
