@@ -14,7 +14,6 @@ import json
 import os
 from typing import Optional
 
-import numpy as np
 import tvm
 
 from ..errors import ModelError

@@ -566,7 +566,6 @@ def estimate_cycles(L: NPULayer, cfg: NPUConfig, code: List[List[int]], k4: int)
             orr[ob] = arr; of[ob] = max(of[ob], arr)
             end = max(end, arr)
             last_m = mrows * (jl if op == OP["DWGEMM"] else wm[wb][2])
-            last_ob = ob
         elif op == OP["VEC"]:
             b = row[2]
             v = -(-last_m // cfg.vector_lanes) * (max(1, len(L.req) + len(L.fadd)) + L.req_dyn)
