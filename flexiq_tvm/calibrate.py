@@ -98,8 +98,8 @@ def collect_stats(model: FloatModel, data: np.ndarray, batch_size: int = 32, see
     # a graph that pins its batch (or folds only at a known one) runs padded chunks of that batch
     batch_size = model.batch_for(batch_size)
     mod, layers = model.at(batch_size)
-    static = mod is not model.mod or model.fixed_batch is not None
     main = mod["main"]
+    static = isinstance(main.params[0].ty.shape.values[0], tvm.tirx.IntImm)   # runs exactly batch_size
     taps = []
     for layer in layers:
         call = next(b.value for b in bindings(main) if b.var.same_as(layer.var))

@@ -363,6 +363,25 @@ def is_clean(mod: tvm.IRModule) -> bool:
 
 
 # ---- the import ----------------------------------------------------------------------------------
+class _StaticImport:
+    """A graph at concrete batch sizes: folded once per batch (`proto`, which the batch check, the
+    import and the pinning report share) and imported when called (`FloatModel.at` keeps the
+    prepared module per batch)."""
+
+    def __init__(self, graph, input_name: str, sample: Tuple[int, ...], path: str):
+        self.graph, self.input_name, self.sample, self.path = graph, input_name, sample, path
+        self._protos: Dict[int, object] = {}
+
+    def proto(self, batch: int):
+        batch = int(batch)
+        if batch not in self._protos:
+            self._protos[batch] = fold(with_input_dims(self.graph, self.input_name, [batch, *self.sample]), self.path)
+        return self._protos[batch]
+
+    def __call__(self, batch: int) -> tvm.IRModule:
+        return to_relax(self.proto(batch), self.path)
+
+
 def import_onnx(path: str, input_shape=None) -> ImportedOnnx:
     proto = read_onnx(path)
     vi = graph_input(proto, path)
@@ -394,53 +413,48 @@ def import_onnx(path: str, input_shape=None) -> ImportedOnnx:
     # a fixed-batch export: its Reshape constants that carry the batch become inferred
     freed, changed = (free_batch_reshapes(proto, fixed) if fixed is not None else (proto, []))
     notes = [f"batch entry made inferred in {len(changed)} Reshape node(s)"] if changed else []
+    freed_at = _StaticImport(freed, input_name, sample, path)
+    verdict: List[bool] = []
 
-    def same_function(candidate_at: Callable[[int], object]) -> bool:
-        """A freed batch must compute what the file computes, sample for sample (ONNX Runtime)."""
+    def batch_freed() -> bool:
+        """A freed batch must compute what the file computes, sample for sample (ONNX Runtime);
+        decided once, at a batch the file does not declare."""
         if fixed is None:
             return True
-        if not have_ort:
-            return False
-        b = 2 * fixed + 1
-        x = random_inputs(b, sample, seed=1)
-        try:
-            want = ort_run(ort_session(proto), x, chunk=fixed)
-            got = ort_run(ort_session(candidate_at(b)), x)
-        except Exception:                 # noqa: BLE001  (ONNX Runtime rejects the candidate: not freed)
-            return False
-        return outputs_close(got, want, rtol=1e-4)[0]
+        if not verdict:
+            ok = False
+            if have_ort:
+                b = 2 * fixed + 1
+                x = random_inputs(b, sample, seed=1)
+                try:
+                    want = ort_run(ort_session(proto), x, chunk=fixed)
+                    got = ort_run(ort_session(freed_at.proto(b)), x)
+                    ok = outputs_close(got, want, rtol=1e-4)[0]
+                except Exception:         # noqa: BLE001  (ONNX Runtime rejects the candidate: not freed)
+                    ok = False
+            verdict.append(ok)
+        return verdict[0]
 
     # 2. folded, symbolic batch
     sym = fold(with_input_dims(freed, input_name, [BATCH_SYMBOL, *sample]), path)
     mod = attempt(lambda: to_relax(sym, path))
-    if mod is not None and is_clean(mod) and same_function(lambda b: fold(with_input_dims(freed, input_name, [b, *sample]), path)):
+    if mod is not None and is_clean(mod) and batch_freed():
         return result(mod, fixed_batch=None, strategy="folded-symbolic", notes=notes)
 
     # 3. folded at each concrete batch (shape arithmetic that only folds once the batch is known)
-    def static_at(graph):
-        cache: Dict[int, tvm.IRModule] = {}
-
-        def at(batch: int) -> tvm.IRModule:
-            if batch not in cache:
-                cache[batch] = to_relax(fold(with_input_dims(graph, input_name, [int(batch), *sample]), path), path)
-            return cache[batch]
-        return at
-
-    at = static_at(freed)
-    canonical = fixed or 1
-    mod = attempt(lambda: at(canonical))
-    if mod is not None and same_function(lambda b: fold(with_input_dims(freed, input_name, [b, *sample]), path)):
-        return result(mod, fixed_batch=None, at_batch=at, strategy="folded-static", notes=notes)
+    mod = attempt(lambda: freed_at(fixed or 1))
+    if mod is not None and batch_freed():
+        return result(mod, fixed_batch=None, at_batch=freed_at, strategy="folded-static", notes=notes)
 
     # 4. the batch the file pins
     if fixed is not None:
-        at = static_at(proto)
-        mod = attempt(lambda: at(fixed))
+        pinned_at = _StaticImport(proto, input_name, sample, path)
+        mod = attempt(lambda: pinned_at(fixed))
         if mod is not None:
-            why = pinning_description(fold(with_input_dims(proto, input_name, [fixed, *sample]), path), fixed)
+            why = pinning_description(pinned_at.proto(fixed), fixed)
             if not have_ort:
                 why += " (install onnxruntime to let flexiq-tvm check whether the batch can be freed)"
-            return result(mod, fixed_batch=fixed, pin_reason=why, at_batch=at, strategy="pinned")
+            return result(mod, fixed_batch=fixed, pin_reason=why, at_batch=pinned_at, strategy="pinned")
 
     # nothing imported: report the most informative failure (a named node if any attempt had one)
     err = next((e for e in reversed(errors) if e.node), errors[-1] if errors else

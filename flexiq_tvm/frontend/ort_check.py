@@ -41,8 +41,7 @@ def _key(imported: ImportedOnnx) -> str:
 
 
 def _outputs(result) -> list:
-    if isinstance(result, (tvm.runtime.Tensor,)):
-        return [result.numpy()]
+    """The VM's result (a tensor or a nest of tuples of tensors) as a flat list of arrays."""
     if hasattr(result, "numpy"):
         return [result.numpy()]
     out = []
