@@ -40,13 +40,12 @@ class CompiledModel:
         # built, ratio-set and exported on a build machine that has no GPU (cross-compiling).
         self._device = device
         self._vm = None
-        self._cache = {}
+        self._bias_rows = None            # device tensors [0], [1], ... selecting a bias-table row
+        self._cache = {}                  # ratio -> [counts, bias row index, counts tensor or None]
         self.counts = np.zeros(self.plan.num_layers, dtype=np.int32)
-        self._counts_tensor = None
+        self._counts_tensor = None        # None: made from `counts` at the next call
         # accuracy recovery: which row of the compiled bias tables is live (None: no tables)
-        self._bias_rows = None
-        self._bias_row = None
-        self._row_index = 0 if self.plan.bias_correction else None
+        self._row_index = None
         self.ratio = None
         self.set_ratio(0.0)
 
@@ -62,43 +61,30 @@ class CompiledModel:
         if self._vm is None:
             self._vm = relax.VirtualMachine(self.executable, self.device)
             self._main = self._vm["main"]
-            if self._row_index is not None:
+            if self.plan.bias_correction:
                 n = len(self.plan.bias_correction) + 1
                 self._bias_rows = [tvm.runtime.tensor(np.array([i], np.int32), self.device) for i in range(n)]
-                self._bias_row = self._bias_rows[self._row_index]
-            self._counts_tensor = tvm.runtime.tensor(self.counts, self.device)
-            self._cache = {}
         return self._vm
 
     # ---- ratio control ---------------------------------------------------------------------------
     def set_ratio(self, ratio: float) -> None:
         """Fraction of MACs in 4-bit: a named plan level, or the nearest point at group granularity."""
-        cached = self._cache.get(ratio)
-        if cached is None:
+        hit = self._cache.get(ratio)
+        if hit is None:
             r = check_ratio(ratio)
-            counts = self.plan.counts_for_ratio(r)
-            index = self.plan.bias_row(r) if self._row_index is not None else None
-            if self._vm is None:          # no device yet: remember the numbers only
-                self.counts, self._counts_tensor, self._row_index = counts, None, index
-                self.ratio = ratio
-                return
-            row = self._bias_rows[index] if self._bias_rows else None
-            cached = (counts, tvm.runtime.tensor(counts, self.device), row, index)
-            self._cache[ratio] = cached
-        self.counts, self._counts_tensor, self._bias_row, self._row_index = cached
+            hit = self._cache[ratio] = [self.plan.counts_for_ratio(r),
+                                        self.plan.bias_row(r) if self.plan.bias_correction else None, None]
+        if hit[2] is None and self._vm is not None:      # the device tensor, once per ratio
+            hit[2] = tvm.runtime.tensor(hit[0], self.device)
+        self.counts, self._row_index, self._counts_tensor = hit
         self.ratio = ratio
 
     def set_counts(self, counts) -> None:
         """Per-layer numbers of 4-bit groups (any values in 0..n_groups of each layer)."""
-        counts = self.plan.check_counts(counts)
-        self.counts = counts
-        self._row_index = 0 if self._row_index is not None else None    # no correction off-level
-        if self._vm is not None:
-            self._counts_tensor = tvm.runtime.tensor(counts, self.device)
-            self._bias_row = self._bias_rows[0] if self._bias_rows else None
-        else:
-            self._counts_tensor = None
-        self.ratio = self.plan.mac_ratio(counts)
+        self.counts = self.plan.check_counts(counts)
+        self._counts_tensor = None
+        self._row_index = 0 if self.plan.bias_correction else None    # no correction off-level
+        self.ratio = self.plan.mac_ratio(self.counts)
 
     @property
     def mac_ratio(self) -> float:
@@ -117,7 +103,11 @@ class CompiledModel:
     def runtime_args(self) -> list:
         """The run-time arguments of `main` after the input: counts (and the bias-table row)."""
         self.vm                           # the device exists from here on
-        return [self._counts_tensor] if self._bias_row is None else [self._counts_tensor, self._bias_row]
+        if self._counts_tensor is None:
+            self._counts_tensor = tvm.runtime.tensor(self.counts, self.device)
+        if self._row_index is None:
+            return [self._counts_tensor]
+        return [self._counts_tensor, self._bias_rows[self._row_index]]
 
     def run_batch(self, x: np.ndarray):
         """One call of the compiled function on exactly `batch_size` samples (tvm tensors out)."""
