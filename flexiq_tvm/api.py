@@ -22,14 +22,14 @@ from .runtime.compiled import ARTIFACT_FORMAT, ARTIFACT_VERSION, MANIFEST_FUNC, 
 from .targets import get_target
 
 
-def _as_model(model, plan: Optional[Plan] = None) -> FloatModel:
-    """A loaded model; a path is loaded at the input shape its plan records (dynamic-shape files)."""
+def _as_model(model, plan: Optional[Plan] = None, input_shape=None) -> FloatModel:
+    """A loaded model; a path is loaded at `input_shape`, else at the input shape its plan records
+    (dynamic-shape files)."""
     if isinstance(model, FloatModel):
         return model
-    shape = plan.meta.get("input_shape") if plan is not None else None
-    if shape is not None and isinstance(model, (str, os.PathLike)):
-        return load_model(model, input_shape=shape)
-    return load_model(model)
+    if input_shape is None and plan is not None and isinstance(model, (str, os.PathLike)):
+        input_shape = plan.meta.get("input_shape")
+    return load_model(model, input_shape=None if input_shape is None else tuple(input_shape))
 
 
 def _as_plan(plan) -> Plan:

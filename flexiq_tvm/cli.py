@@ -48,13 +48,9 @@ def _shape(text: str):
 
 def _load(args, plan=None):
     """The model at --input-shape, else at the shape the plan records (dynamic-shape ONNX files)."""
-    import flexiq_tvm as fq
+    from .api import _as_model
 
-    shape = args.input_shape
-    if shape is None and plan is not None:
-        shape = plan.meta.get("input_shape")
-        shape = tuple(shape) if shape is not None else None
-    return fq.load_model(args.model, input_shape=shape)
+    return _as_model(args.model, plan, args.input_shape)
 
 
 def _write_json(path, obj):
