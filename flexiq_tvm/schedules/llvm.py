@@ -35,7 +35,7 @@ from tvm import s_tir
 
 from .compute import KERNEL_ATTR
 
-__all__ = ["default_target", "schedule_llvm", "schedule_fallback", "build", "KERNEL_ATTR"]
+__all__ = ["default_target", "apply_schedule", "schedule_llvm", "schedule_fallback", "build", "KERNEL_ATTR"]
 
 # Below these sizes a kernel runs single threaded.  Measured on the shared 2-core machine: with
 # another process on the second core, a 2-thread split of a 1.8M-MAC conv was 10-25% SLOWER than
@@ -384,17 +384,27 @@ _SCHEDULES = {
 }
 
 
-def schedule_llvm(func: tvm.tirx.PrimFunc, target=None) -> tvm.tirx.PrimFunc:
-    """Schedule a FlexiQ kernel for the llvm target (dispatch on ``"flexiq.kernel"``)."""
+def apply_schedule(sch: s_tir.Schedule, target=None) -> bool:
+    """Schedule the FlexiQ kernel ``sch.mod["main"]`` in place; False when it is not one.
+
+    The tuning space of a kernel (``flexiq_tvm.tuning``) is this function: choices it makes
+    through ``sch.sample_*`` (with the hand-picked default as the decision) are what tuning
+    searches."""
+    func = sch.mod["main"]
     kind = _kind(func)
     if kind is None or kind not in _SCHEDULES:
-        return func
-    sch = s_tir.Schedule(func)
+        return False
     if kind == "conv2d_int8":
         _sched_conv(sch, func, target)
     else:
         _SCHEDULES[kind](sch, func)
-    return sch.mod["main"]
+    return True
+
+
+def schedule_llvm(func: tvm.tirx.PrimFunc, target=None) -> tvm.tirx.PrimFunc:
+    """Schedule a FlexiQ kernel for the llvm target (dispatch on ``"flexiq.kernel"``)."""
+    sch = s_tir.Schedule(func)
+    return sch.mod["main"] if apply_schedule(sch, target) else func
 
 
 def schedule_fallback(func: tvm.tirx.PrimFunc, target=None) -> tvm.tirx.PrimFunc:

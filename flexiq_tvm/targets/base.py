@@ -20,9 +20,11 @@ class FlexiQTarget:
     def schedule_kernel(self, func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
         raise NotImplementedError
 
-    def schedule_kernels(self, mod: tvm.IRModule) -> tvm.IRModule:
+    def schedule_kernels(self, mod: tvm.IRModule, tuning_db=None) -> tvm.IRModule:
         """Module pass body: every PrimFunc tagged `flexiq.kernel` gets this target's schedule,
-        and is marked opaque so that TVM's fusion leaves it as scheduled."""
+        and is marked opaque so that TVM's fusion leaves it as scheduled.
+
+        `tuning_db`: a tuning database (see `flexiq_tvm.tuning`); not applied yet."""
         out = {}
         for gv, func in mod.functions_items():
             if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs:
@@ -31,9 +33,24 @@ class FlexiQTarget:
         new = tvm.IRModule(out, attrs=mod.attrs)
         return new
 
-    def build(self, mod: tvm.IRModule):
-        mod = self.schedule_kernels(mod)
-        return tvm.compile(mod, target=self.tvm_target, relax_pipeline=relax.get_default_pipeline(self.tvm_target))
+    def schedule_pass(self, tuning_db=None) -> tvm.transform.Pass:
+        """`schedule_kernels` as a module pass (what `pipeline` runs first)."""
+        target = self
+
+        @tvm.transform.module_pass(opt_level=0, name="ScheduleFlexiQKernels")
+        def _schedule(mod, _ctx):
+            return target.schedule_kernels(mod, tuning_db)
+
+        return _schedule
+
+    def pipeline(self, tuning_db=None) -> tvm.transform.Pass:
+        """The relax pipeline `build` compiles with: the FlexiQ kernel schedules, then TVM's
+        default pipeline for the target."""
+        return tvm.transform.Sequential([self.schedule_pass(tuning_db),
+                                         relax.get_default_pipeline(self.tvm_target)])
+
+    def build(self, mod: tvm.IRModule, tuning_db=None):
+        return tvm.compile(mod, target=self.tvm_target, relax_pipeline=self.pipeline(tuning_db))
 
     def device(self):
         kind = self.tvm_target.kind.name

@@ -293,9 +293,8 @@ class CUDATarget(FlexiQTarget):
                    if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
         return relax.transform.DeadCodeElimination(entries)(new)
 
-    def build(self, mod: tvm.IRModule):
-        mod = self.schedule_kernels(self.lower(mod))
-        return tvm.compile(mod, target=self.tvm_target, relax_pipeline=relax.get_default_pipeline(self.tvm_target))
+    def build(self, mod: tvm.IRModule, tuning_db=None):
+        return super().build(self.lower(mod), tuning_db)
 
     def build_executable(self, model, plan, batch_size: int = 1):
         """Rewrite + lower + build without creating a VM (works on a machine with no GPU)."""

@@ -115,5 +115,5 @@ class NPUTarget(LLVMTarget):
             [gv.name_hint for gv, f in mod.functions_items()
              if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs])(mod)
 
-    def build(self, mod: tvm.IRModule):
-        return super().build(self.lower(mod))
+    def build(self, mod: tvm.IRModule, tuning_db=None):
+        return super().build(self.lower(mod), tuning_db)
