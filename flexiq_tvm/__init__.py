@@ -8,11 +8,13 @@
 """
 __version__ = "0.1.0"
 
-from .api import compile, compile_float, quantize  # noqa: E402,A001
+from .api import compile, compile_float, quantize, tune  # noqa: E402,A001
 from .errors import DataError, FlexiQError, ModelError  # noqa: E402
 from .frontend import FloatModel, load_model  # noqa: E402
+from .finetune import FinetuneConfig  # noqa: E402
 from .quant import LayerSpec, Plan, PlanError  # noqa: E402
 from .runtime import CompiledModel, load_artifact  # noqa: E402
+from .transform import get_pipeline  # noqa: E402
 
-__all__ = ["load_model", "quantize", "compile", "compile_float", "load_artifact", "Plan", "PlanError",
-           "CompiledModel", "FloatModel", "LayerSpec", "FlexiQError", "ModelError", "DataError", "__version__"]
+__all__ = ["load_model", "quantize", "compile", "tune", "compile_float", "load_artifact", "Plan", "PlanError",
+           "CompiledModel", "get_pipeline", "FinetuneConfig", "FloatModel", "LayerSpec", "FlexiQError", "ModelError", "DataError", "__version__"]

@@ -14,6 +14,7 @@ from .calibrate import collect_stats
 from .data import load_data
 from .frontend.model import FloatModel, load_model
 from .passes.flexiq_rewrite import flexiq_rewrite
+from .passes.rewrite_pass import FlexiQRewrite
 from .quant.build import build_plan
 from .quant.plan import Plan, PlanError
 from .quant.rounding import check_rounding
@@ -51,7 +52,7 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
              percentile: float = 99.99, shift_rule: str = "mse", search_samples: Optional[int] = None,
              metric: str = "kl", population: int = 16, generations: int = 20, patience: int = 5,
              curve_points: int = 8, recover: bool = True, rounding: str = "compensated",
-             progress: bool = True) -> Plan:
+             progress: bool = True, finetune=False) -> Plan:
     """Calibrate `model` on `calib` and build its FlexiQ plan (scales, orders, shifts, ratio levels).
 
     search: "range" lowers every layer at the same pace in value-range order; "sensitivity"
@@ -65,6 +66,10 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
     recover: per-ratio bias correction after the search (see `recovery.py`).
     rounding: "compensated" (default) picks INT8 weight codes that preserve each layer's output on
     the calibration inputs (`quant/rounding.py`); "nearest" rounds each weight on its own.
+    finetune: False (default); True or a `FinetuneConfig` (or a dict of its fields): after the search
+    and bias correction, train one set of INT8 codes (plus weight scales and per-level biases) for
+    all ratio levels at once against the FP32 model on the calibration inputs (`finetune/`; needs
+    torch: pip install 'flexiq-tvm[torch]'). The result is an ordinary plan.
     """
     from tqdm.auto import tqdm
 
@@ -73,6 +78,13 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
     if search not in SEARCHES:
         raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
     check_rounding(rounding)
+    from .finetune.config import as_config
+
+    ft_config = as_config(finetune)
+    if ft_config is not None:
+        from .finetune import require_torch
+
+        require_torch()               # fail before the (long) search, not after it
     model = _as_model(model)
     if search_samples is None:
         search_samples = default_search_samples(model.specs)
@@ -95,6 +107,12 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
         from .recovery import recover_bias
 
         recover_bias(model, plan, inputs, samples=search_samples, seed=seed, progress=progress)
+    if ft_config is not None:
+        from .finetune import finetune_plan
+
+        timings = dict(plan.timings)
+        plan = finetune_plan(model, plan, inputs, ft_config, progress=progress)
+        plan.timings = {**timings, **plan.timings}
     plan.timings["quantize"] = round(time.perf_counter() - t0, 3)
     return plan
 
@@ -107,10 +125,12 @@ def _with_manifest(mod: tvm.IRModule, manifest: dict) -> tvm.IRModule:
 
 
 def compile(model, plan, target: str = "llvm", batch_size: Optional[int] = None, schedule: bool = True,
-            **target_options) -> CompiledModel:
+            tuning_db=None, **target_options) -> CompiledModel:
     """Compile the FlexiQ model once; the result serves every ratio (`set_ratio`).
 
-    batch_size: samples per call (default 1; for a graph that pins its batch, that batch)."""
+    batch_size: samples per call (default 1; for a graph that pins its batch, that batch).
+    tuning_db: a directory written by `tune` (`flexiq tune`): the tuned schedules are applied; a
+    task without a record keeps today's schedule, and one warning lists those tasks."""
     plan = _as_plan(plan)
     model = _as_model(model, plan)
     check_plan_model(plan, model)
@@ -123,12 +143,39 @@ def compile(model, plan, target: str = "llvm", batch_size: Optional[int] = None,
                       "(re-quantize with recover=False to silence this)", stacklevel=2)
         plan = Plan.loads(plan.dumps())
         plan.bias_correction = {}
-    mod = flexiq_rewrite(*model.at(batch_size), plan, batch_size)
+    # the same pass a TVM user puts into their own pipeline (flexiq_tvm.transform)
+    mod = FlexiQRewrite(plan, batch_size)(model.at(batch_size)[0])
     manifest = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "plan": plan.dumps(),
                 "batch_size": int(batch_size), "input_shape": list(model.input_shape), "target": tgt.name,
                 "model_name": model.name, "flexiq_tvm": __version__}
-    ex = tgt.build(_with_manifest(mod, manifest))
+    if tuning_db is None:
+        ex = tgt.build(_with_manifest(mod, manifest))
+    else:
+        ex = tgt.build(_with_manifest(mod, manifest), tuning_db=os.fspath(tuning_db))
     return CompiledModel(ex, manifest, tgt.device())
+
+
+def tune(model, plan, target: str = "llvm", trials: int = 64, db="flexiq_tuning_db",
+         ratios: Optional[Sequence[float]] = None, batch_size: Optional[int] = None, seed: int = 0,
+         rpc_tracker: Optional[str] = None, rpc_key: Optional[str] = None, progress: bool = True, **options):
+    """Tune the compiled FlexiQ model's kernels with MetaSchedule into the database directory `db`.
+
+    Tasks: the FlexiQ layer kernels (their space: the target's schedule, whose `sample_*` choices
+    are searched) and every other PrimFunc after fusion (MetaSchedule's default space), searched
+    by evolutionary search with the XGBoost cost model. trials: measured candidates per task; a
+    task the database already holds to that budget is skipped, so an interrupted run resumes. One
+    database serves several models, ratios and targets (workloads keyed by structural hash,
+    one sub-directory per target). llvm kernels do not depend on the ratio (counts are a run-time
+    input): they are tuned once, and the report says so.
+    target: "llvm" | "cuda" (needs `rpc_tracker`/`rpc_key` of a GPU farm: no local GPU measuring) |
+    "npu" (the NPU's own tuner). rpc_tracker "HOST:PORT" and rpc_key: measure on the devices a TVM
+    RPC tracker hands out. Options: arch= (cuda), trials_per_iter=, max_total_trials=,
+    population=, timeout_sec=. Returns a `flexiq_tvm.tuning.TuneReport` (`.format()`).
+    Apply the result with `compile(..., tuning_db=db)`."""
+    from .tuning.tune import tune_model
+
+    return tune_model(model, plan, target=target, trials=trials, db=db, ratios=ratios, batch_size=batch_size,
+                      seed=seed, rpc_tracker=rpc_tracker, rpc_key=rpc_key, progress=progress, **options)
 
 
 def compile_float(model, batch_size: int = 1, target=None):
@@ -170,4 +217,6 @@ def compile_with_taps(model, plan, batch_size: int = 1, target: str = "llvm", sc
     else:
         flat = [e for i in sorted(taps) for e in taps[i]]
     tgt = get_target(target, schedule=schedule)
+    # main keeps (x, counts[, bias_row]) and the taps are the layers' own outputs
+    tgt.hoist_weights = tgt.fuse_activations = False
     return relax.VirtualMachine(tgt.build(TapOutputs(flat)(mod)), tgt.device())

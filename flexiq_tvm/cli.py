@@ -71,6 +71,22 @@ def _data_source(path, args):
     return path
 
 
+def _finetune_config(args):
+    """quantize's finetune argument from --finetune [--finetune-method --epochs --lr]."""
+    if not getattr(args, "finetune", False):
+        if args.epochs is not None or args.lr is not None or args.finetune_method is not None:
+            raise SystemExit("flexiq quantize: --epochs / --lr / --finetune-method need --finetune")
+        return False
+    from .finetune.config import FinetuneConfig
+
+    kw = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("method", args.finetune_method))
+          if v is not None}
+    try:
+        return FinetuneConfig(seed=args.seed, **kw)
+    except ValueError as e:
+        raise SystemExit(f"flexiq quantize: {e}") from None
+
+
 def cmd_quantize(args):
     import flexiq_tvm as fq
 
@@ -79,7 +95,7 @@ def cmd_quantize(args):
                        calibrator=args.calibrator, search=args.search, seed=args.seed, metric=args.metric,
                        population=args.population, generations=args.generations, recover=args.recover,
                        percentile=args.percentile, search_samples=args.search_samples, rounding=args.rounding,
-                       progress=not args.quiet)
+                       progress=not args.quiet, finetune=_finetune_config(args))
     plan.save(args.output)
     share = {r: round(float(plan.mac_share[p]), 3) for r, p in plan.levels.items()}
     print(f"wrote {args.output}: {plan.num_layers} FlexiQ layers, group size {plan.group_size}, "
@@ -99,10 +115,39 @@ def cmd_compile(args):
             raise SystemExit("flexiq compile: --arch needs --target cuda")
         opts["arch"] = args.arch
     plan = fq.Plan.load(args.plan)
+    if getattr(args, "db", None) is not None:
+        opts["tuning_db"] = args.db
     cm = fq.compile(_load(args, plan), plan, target=args.target, batch_size=args.batch_size, **opts)
     cm.export(args.output)
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.2f} MB): target {cm.target}, "
           f"batch {cm.batch_size}, {cm.plan.num_layers} layers, ratio set at run time with set_ratio(r)")
+
+
+def cmd_tune(args):
+    import flexiq_tvm as fq
+
+    opts = {}
+    if args.arch is not None:
+        if args.target != "cuda":
+            raise SystemExit("flexiq tune: --arch needs --target cuda")
+        opts["arch"] = args.arch
+    if getattr(args, "npu_config", None) is not None:
+        if args.target != "npu":
+            raise SystemExit("flexiq tune: --npu-config needs --target npu")
+        opts["npu_config"] = args.npu_config
+    if args.trials_per_iter is not None:
+        opts["trials_per_iter"] = args.trials_per_iter
+    plan = fq.Plan.load(args.plan)
+    rep = fq.tune(_load(args, plan), plan, target=args.target, trials=args.trials, db=args.db, ratios=args.ratios,
+                  batch_size=args.batch_size, seed=args.seed, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+                  progress=not args.quiet, **opts)
+    if hasattr(rep, "format"):
+        print(rep.format())
+    else:   # the NPU tuner's summary dict
+        print(json.dumps({k: v for k, v in rep.items() if k != "layers"}, indent=1, default=str))
+    if args.json:
+        _write_json(args.json, rep.to_dict() if hasattr(rep, "to_dict") else rep)
+        print(f"wrote {args.json}")
 
 
 def _eval_and_print(model, plan, data, args):
@@ -192,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rounding", choices=["compensated", "nearest"], default="compensated",
                    help="INT8 weight codes: chosen to keep each layer's output on the calibration data "
                    "(default), or each weight rounded to nearest")
+    q.add_argument("--finetune", action="store_true",
+                   help="after the search, train one set of INT8 codes for all ratio levels against the FP32 "
+                   "model on the calibration inputs (needs torch: pip install 'flexiq-tvm[torch]')")
+    q.add_argument("--finetune-method", choices=["block", "model"], default=None,
+                   help="block-wise reconstruction (default) or end-to-end distillation")
+    q.add_argument("--epochs", type=int, default=None, help="finetuning epochs (with --finetune)")
+    q.add_argument("--lr", type=float, default=None, help="finetuning step size of the INT8 codes (with --finetune)")
     quant_opts(q)
     input_shape(q)
     common(q)
@@ -207,10 +259,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help='NPU configuration for --target npu, e.g. \'{"rows": 16, "cols": 16}\' (docs/npu.md)')
     c.add_argument("--batch-size", type=int, default=None,
                    help="samples per call (default 1, or the batch a fixed-batch graph pins)")
+    c.add_argument("--db", default=None, metavar="DIR",
+                   help="tuning database written by `flexiq tune`: apply its schedules (untuned tasks keep the "
+                   "default ones, listed in one warning)")
     c.add_argument("-o", "--output", required=True, help="artifact (.so) to write")
     input_shape(c)
     common(c)
     c.set_defaults(func=cmd_compile)
+
+    t = sub.add_parser("tune", help="tune the model's kernels with MetaSchedule into a database (docs/tuning.md)")
+    t.add_argument("model")
+    t.add_argument("--plan", required=True)
+    t.add_argument("--target", default="llvm", help="llvm, cuda (measured through --rpc-tracker) or npu")
+    t.add_argument("--arch", default=None, choices=["sm_80", "sm_86", "sm_89", "sm_90"],
+                   help="GPU architecture for --target cuda (default sm_80)")
+    t.add_argument("--npu-config", default=None, metavar="JSON", help="NPU configuration for --target npu")
+    t.add_argument("--trials", type=int, default=64, help="measured candidates per task (default 64)")
+    t.add_argument("--trials-per-iter", type=int, default=None, help="candidates per search round (default "
+                   "min(trials, 64))")
+    t.add_argument("--db", default="flexiq_tuning_db", metavar="DIR",
+                   help="tuning database directory (created; resumed when it exists; default ./flexiq_tuning_db)")
+    t.add_argument("--ratios", type=_ratios, default=None, help="ratios to tune for (default: the plan's levels)")
+    t.add_argument("--batch-size", type=int, default=None, help="samples per call of the compiled model (default 1)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rpc-tracker", default=None, metavar="HOST:PORT",
+                   help="measure on the devices of a TVM RPC tracker (device farms; needed for --target cuda here)")
+    t.add_argument("--rpc-key", default=None, metavar="KEY", help="device key registered with the tracker")
+    t.add_argument("--json", help="write the tune report as JSON")
+    input_shape(t)
+    common(t)
+    t.set_defaults(func=cmd_tune)
 
     e = sub.add_parser("eval", help="accuracy and latency per ratio vs FP32")
     e.add_argument("model")

@@ -221,6 +221,12 @@ def test_conv_pipeline_bit_exact(case):
     fwp = fc.lower_weight((O, Cg, KH, KW), groups, n_groups, li, L, w_prepacked=True)
     mq, mw, mc, ma = (build(fq, "q"), build(fw, "wl"), build(fcv, "cf"), build(fca, "ca"))
     mwp = build(fwp, "wlp")
+    # the llvm target's variants (targets/llvm.py prepare): the activation folded into the
+    # epilogue, and strided depthwise kernels computed over full rows; read back from the kernel
+    act = (0.0, 6.0) if unsigned else (-1.5, None)
+    fvar = fc.rebuild_kernel(fcv, full_rows=True, act=act)
+    assert bool(fvar.attrs["flexiq.full_rows"]) == (groups == C == O and st > 1 and KW > 1)
+    mvar = build(fvar, "cv")
     w_pre = fc.prepack_weight(w, groups)
     np.testing.assert_array_equal(w_pre, blocked(w, ob, layout))
     qdt = "uint8" if unsigned else "int8"
@@ -250,6 +256,8 @@ def test_conv_pipeline_bit_exact(case):
         y = run(mc, [q, wl, scale, bias], (N, O, OH, OW), "float32")
         y_ref = acc_ref.astype(np.float32) * scale[None, :, None, None] + bias[None, :, None, None]
         _check_epilogue(y, y_ref, acc_ref, scale[None, :, None, None], bias[None, :, None, None])
+        yv = run(mvar, [q, wl, scale, bias], (N, O, OH, OW), "float32")
+        np.testing.assert_array_equal(yv, np.clip(y_ref, act[0], act[1]), err_msg=f"fused activation k={k}")
 
 
 # The float epilogue y = f32(acc) * scale + bias must be BIT-EXACT vs numpy (two roundings):
@@ -283,6 +291,7 @@ def test_dense_pipeline_bit_exact(case):
     mq, mw = build(fq, "q"), build(fw, "wl")
     mwp = build(fc.lower_weight((O, C), 1, n_groups, li, L, w_prepacked=True), "wlp")
     mc = build(fc.dense_int8((M, C), (O, C), unsigned, "float"), "df")
+    mr = build(fc.rebuild_kernel(fc.dense_int8((M, C), (O, C), unsigned, "float"), act=(0.0, None)), "dr")
     ma = build(fc.dense_int8((M, C), (O, C), unsigned, "acc"), "da")
     qdt = "uint8" if unsigned else "int8"
     for k in k_values(rng, n_groups):
@@ -301,6 +310,7 @@ def test_dense_pipeline_bit_exact(case):
         y = run(mc, [q, wl, scale, bias], (M, O), "float32")
         y_ref = acc_ref.astype(np.float32) * scale + bias
         _check_epilogue(y, y_ref, acc_ref, scale, bias)
+        np.testing.assert_array_equal(run(mr, [q, wl, scale, bias], (M, O), "float32"), np.maximum(y_ref, 0))
 
 
 # ----------------------------------------------------------------------------- other tests

@@ -92,15 +92,16 @@ def test_default_plan_with_bias_rows_bit_exact(mobile):
 
 
 def test_residual_add_and_relu6_stay_on_the_npu(mobile):
-    """ReLU6 (ONNX Clip -> maximum/minimum) fuses into its layer and the residual add runs on the
-    vector unit, so the conv chain up to the pool is one NPU program with no host round trip."""
+    """ReLU6 (ONNX Clip -> maximum/minimum) fuses into its layer and the residual add and the
+    global pool run on the vector unit, so the whole model is one NPU program with no host round trip."""
     model, calib, x = mobile
     plan = fq.quantize(model, calib, search="range", group_size=8, recover=False, progress=False)
     vm, tgt = _build(model, plan)
     progs = list(tgt.programs.values())
-    assert sum(len(P.adds) for P in progs) == 1
+    assert sum(1 for P in progs for A in P.adds if not A.pool) == 1
+    assert [A.pool for P in progs for A in P.adds if A.pool] == [36]      # the 6x6 global pool
     big = max(progs, key=lambda P: len(P.layers))
-    assert len(big.layers) == plan.num_layers - 1          # all convs; the Gemm follows the host pool
+    assert len(big.layers) == plan.num_layers              # all convs and the Gemm after the pool
     assert [L.act_hi for L in big.layers if L.relu][:1] == [6.0]
     assert big.adds[0].onchip == [True, True]
 
@@ -257,5 +258,60 @@ def test_add_relu_block_on_the_npu_bit_exact(tmp_path, graph):
     x = rng.standard_normal((2,) + shape).astype(np.float32)
     _compare(model, plan, x, counts_grid(plan, seed=8)[3:])
     _, tgt = _build(model, plan)
-    adds = [A for P in tgt.programs.values() for A in P.adds]
+    adds = [A for P in tgt.programs.values() for A in P.adds if not A.pool]
     assert len(adds) == 1 and adds[0].act and adds[0].act_lo == 0.0
+
+
+# ---------------------------------------------------------------- global average pool (vector unit)
+def test_global_pool_on_the_vector_unit(tmp_path, graph):
+    """conv -> global average pool -> flatten -> Gemm runs as ONE NPU program (the pool reads the
+    conv's float copy from the ABUF and writes the Gemm's INT8 input), bit for bit as the llvm
+    artifact at every level; the pooled values equal an independent numpy mean (float32 sum over
+    the positions in order, then / count) of the conv's tapped output; the pool's DRAM traffic is
+    gone (no float32 feature map leaves the NPU)."""
+    from flexiq_tvm.api import _with_manifest
+    from flexiq_tvm.passes.flexiq_rewrite import flexiq_rewrite
+    from flexiq_tvm.targets import get_target
+    from flexiq_tvm.targets.npu.partition import partition
+
+    def build(with_gemm):
+        g = graph((16, 9, 9), seed=2)
+        g.conv(16, 40, 3, 1, 1); g.relu()
+        g.gap(); g.flatten()
+        if with_gemm:
+            g.gemm(40, 10)
+        return fq.load_model(g.save(tmp_path / f"gap{int(with_gemm)}.onnx"))
+
+    rng = np.random.default_rng(4)
+    calib = rng.standard_normal((16, 16, 9, 9)).astype(np.float32)
+    x = calib[:2] * np.float32(1.7)
+    model = build(True)
+    plan = fq.quantize(model, calib, search="range", group_size=8, recover=False, progress=False)
+    mod = _with_manifest(flexiq_rewrite(*model.at(2), plan, 2), {"plan": plan.dumps()})
+    tgt = get_target("npu")
+    tgt.lower(mod)
+    (P,) = tgt.programs.values()
+    assert len(P.layers) == 2 and [A.pool for A in P.adds] == [81]
+    assert P.adds[0].onchip[0] and P.layers[1].in_onchip
+    host = partition(mod, pool_on_npu=False)
+    assert "R.mean" in host["main"].script() and "R.mean" not in partition(mod)["main"].script()
+    _compare(model, plan, x)
+    # independent reference: the pool over the conv's output, tapped from the llvm build
+    model0 = build(False)
+    plan0 = fq.quantize(model0, calib, search="range", group_size=8, recover=False, progress=False)
+    npu = fq.compile(model0, plan0, target="npu", batch_size=2)
+    from flexiq_tvm.api import compile_with_taps
+
+    taps = compile_with_taps(model0, plan0, batch_size=2)
+    for r in LEVELS:
+        npu.set_ratio(r)
+        counts = np.asarray(plan0.counts_for_ratio(r), np.int32)
+        y0 = taps["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(counts))[2].numpy()
+        y0 = np.maximum(y0, np.float32(0)).reshape(2, 40, 81)
+        acc = np.zeros((2, 40), np.float32)
+        for j in range(81):
+            acc = (acc + y0[:, :, j]).astype(np.float32)
+        assert np.array_equal(npu(x), acc / np.float32(81)), r
+    st = npu.npu_stats()["layers"][0]
+    # the program's only DRAM output is the pooled float32 result (2 x 40 x 4 B), not the feature map
+    assert st["dram_bytes"] < 2 * 40 * 81 * 4, st

@@ -25,6 +25,7 @@ from tvm import relax
 
 from ..frontend.layers import FoundLayer
 from ..quant.int8 import dequant_scale
+from ..quant.layer import ACT_SCALE_ATTR, GEOMETRY_ATTR
 from ..quant.plan import Plan
 from ..schedules import compute
 
@@ -105,6 +106,10 @@ def _emit_layer(bb: relax.BlockBuilder, index: int, num_layers: int, found: Foun
                                           num_layers=num_layers, in_channels=spec.in_channels)
                 wl_shape = compute.dense_weight_layout_shape(q_w.shape)
                 kf = compute.dense_int8(q_shape, q_w.shape, unsigned=unsigned)
+            # the layer's geometry travels with its kernels (targets read it instead of re-deriving it)
+            geom = spec.geometry(batch).to_attrs()
+            qf = qf.with_attr(GEOMETRY_ATTR, geom).with_attr(ACT_SCALE_ATTR, float(np.float32(lplan.act_scale)))
+            kf = kf.with_attr(GEOMETRY_ATTR, geom)
             gq = bb.add_func(qf, f"flexiq_quantize_{tag}")
             gw = bb.add_func(wf, f"flexiq_lower_weight_{tag}")
             gk = bb.add_func(kf, f"flexiq_{spec.op}_{tag}")
@@ -181,7 +186,9 @@ def flexiq_rewrite(mod: tvm.IRModule, layers: Sequence[FoundLayer], plan: Plan, 
         main = main.bind_symbolic_vars({batch_var: int(batch)})
     elif int(batch_var) != int(batch):
         raise ValueError(f"the model's batch size is fixed at {int(batch_var)}, cannot compile for {batch}")
-    mod = tvm.IRModule({"main": main}, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule({"main": main})
+    # keep the module's other functions (a user's module may call PrimFuncs or helpers from main)
+    funcs = {gv: (main if gv.name_hint == "main" else f) for gv, f in mod.functions_items()}
+    mod = tvm.IRModule(funcs, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(funcs)
     mod = relax.transform.Normalize()(mod)
     main = mod["main"]
     # re-find the layers in the batch-bound function (same order, same predicate)

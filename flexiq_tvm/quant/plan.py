@@ -25,6 +25,11 @@ FORMAT = "flexiq-plan"
 VERSION = 2          # 2: optional stored INT8 weight codes (error-compensating rounding); reads 1 too
 
 
+# the VM function of a compiled module that lowers the weights for given counts (passes/hoist_weights.py
+# emits it); when present, `main` takes its result as the last argument (see `Plan.runtime_args`)
+RUNTIME_WEIGHTS_FUNC = "flexiq_lower_weights"
+
+
 class PlanError(ValueError):
     """A plan that cannot be used: unreadable, corrupted, too new, or for another model."""
 
@@ -335,6 +340,33 @@ class Plan:
             if r not in self.levels or len(deltas) != self.num_layers or any(
                     d.shape != (l.out_channels,) for d, l in zip(deltas, self.layers)):
                 raise PlanError(f"{source}: bias correction for ratio {r} does not match the plan's levels/layers")
+
+    # ---- the run-time contract of a compiled module --------------------------------------------
+    def runtime_arrays(self, ratio) -> List[np.ndarray]:
+        """The arrays a FlexiQ-rewritten `main` takes after its input, for a ratio, as numpy:
+        `counts` (int32, one entry per layer: its number of 4-bit groups), then, for a plan with
+        per-ratio bias corrections, `bias_row` (int32, shape (1,): the row of the compiled bias
+        tables). One source of truth for `runtime_args` and `CompiledModel.set_ratio`."""
+        out = [np.ascontiguousarray(self.counts_for_ratio(ratio), dtype=np.int32)]
+        if self.bias_correction:
+            out.append(np.array([self.bias_row(ratio)], dtype=np.int32))
+        return out
+
+    def runtime_args(self, ratio, device=None, vm=None) -> list:
+        """`runtime_arrays(ratio)` as `tvm.runtime.Tensor`s on `device` (default CPU): pass them to
+        the VM after the input, `vm["main"](x, *plan.runtime_args(0.5, dev, vm))`. With `vm` (a
+        `relax.VirtualMachine` of the compiled module) whose executable has the hoisted weight
+        lowering (`RUNTIME_WEIGHTS_FUNC`, llvm deployment builds), the weights lowered for these
+        counts follow as the last argument (call this once per ratio change and keep the list:
+        the lowering is the expensive part). tvm is imported here only: the rest of `quant/`
+        stays numpy-only."""
+        import tvm
+
+        dev = tvm.cpu() if device is None else device
+        args = [tvm.runtime.tensor(a, dev) for a in self.runtime_arrays(ratio)]
+        if vm is not None and vm.module.implements_function(RUNTIME_WEIGHTS_FUNC):
+            args.append(vm[RUNTIME_WEIGHTS_FUNC](args[0]))
+        return args
 
     def bias_row(self, ratio) -> int:
         """Row of the compiled bias tables for a ratio: 0 is the model's own bias; corrected levels

@@ -22,6 +22,8 @@ from ..quant.schedule import check_ratio
 from .quiet import tvm_serialization_logs_filtered
 
 MANIFEST_FUNC = "flexiq_manifest"
+LOWER_WEIGHTS_FUNC = "flexiq_lower_weights"   # passes/hoist_weights.py (kept in sync by a test)
+_WEIGHT_CACHE = 8                             # lowered weight sets kept (one per recent ratio)
 ARTIFACT_FORMAT = "flexiq-artifact"
 ARTIFACT_VERSION = 1
 
@@ -46,6 +48,11 @@ class CompiledModel:
         self._counts_tensor = None        # None: made from `counts` at the next call
         # accuracy recovery: which row of the compiled bias tables is live (None: no tables)
         self._row_index = None
+        # hoisted weight lowering (llvm): the weights lowered for a ratio are made by the VM
+        # function `flexiq_lower_weights(counts)` when the ratio changes, and kept per counts
+        self._lower_weights = None
+        self._weights = {}                # counts bytes -> lowered weight tuple (insertion = LRU order)
+        self.last_lowering_s = 0.0        # seconds the last weight lowering took (0: cached)
         self.ratio = None
         self.set_ratio(0.0)
 
@@ -61,6 +68,8 @@ class CompiledModel:
         if self._vm is None:
             self._vm = relax.VirtualMachine(self.executable, self.device)
             self._main = self._vm["main"]
+            if self._vm.module.implements_function(LOWER_WEIGHTS_FUNC):
+                self._lower_weights = self._vm[LOWER_WEIGHTS_FUNC]
             if self.plan.bias_correction:
                 n = len(self.plan.bias_correction) + 1
                 self._bias_rows = [tvm.runtime.tensor(np.array([i], np.int32), self.device) for i in range(n)]
@@ -71,13 +80,13 @@ class CompiledModel:
         """Fraction of MACs in 4-bit: a named plan level, or the nearest point at group granularity."""
         hit = self._cache.get(ratio)
         if hit is None:
-            r = check_ratio(ratio)
-            hit = self._cache[ratio] = [self.plan.counts_for_ratio(r),
-                                        self.plan.bias_row(r) if self.plan.bias_correction else None, None]
+            arrays = self.plan.runtime_arrays(check_ratio(ratio))     # the run-time contract (quant/plan.py)
+            hit = self._cache[ratio] = [arrays[0], int(arrays[1][0]) if len(arrays) > 1 else None, None]
         if hit[2] is None and self._vm is not None:      # the device tensor, once per ratio
             hit[2] = tvm.runtime.tensor(hit[0], self.device)
         self.counts, self._row_index, self._counts_tensor = hit
         self.ratio = ratio
+        self._lower_now()
 
     def set_counts(self, counts) -> None:
         """Per-layer numbers of 4-bit groups (any values in 0..n_groups of each layer)."""
@@ -85,6 +94,14 @@ class CompiledModel:
         self._counts_tensor = None
         self._row_index = 0 if self.plan.bias_correction else None    # no correction off-level
         self.ratio = self.plan.mac_ratio(self.counts)
+        self._lower_now()
+
+    def _lower_now(self) -> None:
+        """A hoisted-weights artifact lowers its weights for a new ratio here, inside the switch
+        (`last_lowering_s` says what it cost; a ratio used recently costs a lookup), not at the
+        next inference. Before the VM exists (cross-compiling) nothing runs."""
+        if self._vm is not None and self._lower_weights is not None:
+            self.runtime_args()
 
     @property
     def mac_ratio(self) -> float:
@@ -105,9 +122,29 @@ class CompiledModel:
         self.vm                           # the device exists from here on
         if self._counts_tensor is None:
             self._counts_tensor = tvm.runtime.tensor(self.counts, self.device)
-        if self._row_index is None:
-            return [self._counts_tensor]
-        return [self._counts_tensor, self._bias_rows[self._row_index]]
+        args = [self._counts_tensor]
+        if self._row_index is not None:
+            args.append(self._bias_rows[self._row_index])
+        if self._lower_weights is not None:
+            args.append(self._lowered_weights())
+        return args
+
+    def _lowered_weights(self):
+        """The weights lowered for the current counts: made once per ratio change, then reused."""
+        key = self.counts.tobytes()
+        w = self._weights.pop(key, None)
+        if w is None:
+            import time
+
+            t0 = time.perf_counter()
+            w = self._lower_weights(self._counts_tensor)
+            self.last_lowering_s = time.perf_counter() - t0
+            while len(self._weights) >= _WEIGHT_CACHE:
+                self._weights.pop(next(iter(self._weights)))
+        else:
+            self.last_lowering_s = 0.0
+        self._weights[key] = w
+        return w
 
     def run_batch(self, x: np.ndarray):
         """One call of the compiled function on exactly `batch_size` samples (tvm tensors out)."""

@@ -80,6 +80,26 @@ def _no_contract(v):
     return tvm.tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", v)
 
 
+def _clamp_act(v, act):
+    """The activation folded into a float epilogue: ``min(max(v, lo), hi)`` on float32, exactly
+    what Relax's relu / clip / maximum / minimum compute after the layer (None: no bound)."""
+    if act is None:
+        return v
+    lo, hi = act
+    if lo is not None:
+        v = tvm.tirx.max(v, tvm.tirx.const(float(lo), "float32"))
+    if hi is not None:
+        v = tvm.tirx.min(v, tvm.tirx.const(float(hi), "float32"))
+    return v
+
+
+def _act_attrs(act) -> dict:
+    if act is None:
+        return {}
+    return {"act_lo": "none" if act[0] is None else float(act[0]),
+            "act_hi": "none" if act[1] is None else float(act[1])}
+
+
 def _norm_pad(pad) -> Tuple[int, int, int, int]:
     """pad -> (top, left, bottom, right). Accepts int, (ph, pw) or (t, l, b, r)."""
     if isinstance(pad, int):
@@ -194,6 +214,7 @@ def quantize_act(
     num_layers: int = 1,
     dynamic: bool = False,
     n_groups: int | None = None,
+    pack4=None,
 ) -> tvm.tirx.PrimFunc:
     """Quantize float32 activations, lowering the run-time-selected low channels.
 
@@ -212,6 +233,13 @@ def quantize_act(
     unsigned else 3), 0, 4)``.  Stages (blocks): ``q0`` codes, ``x_max`` per (n, c), ``g_max`` per (n, g),
     ``e_c`` the shift of each (n, c) (-1 = not low), ``q`` the lowered (padded) output.
     ``n_groups`` bounds the group ids (default ``C``; only ``rank[c] < n_groups`` can be low).
+
+    ``pack4=(groups, Cg)`` (static NCHW only; the llvm target's choice before a VNNI conv): ``q``
+    is written directly in the layout that ``conv2d_int8(packed_input=True)`` reads, as uint32
+    ``[N, groups * ceil(Cg/4), Hp, Wp]`` whose byte ``j`` (little endian) is the code of channel
+    ``4 * cb + j`` of its group, +128 when signed (channels past ``Cg`` hold a copy of the last
+    one: their weights are 0). One vectorizable
+    pass instead of the quantize pass plus the conv's byte-interleaving repack.
     """
     shape = tuple(int(s) for s in shape)
     nd = len(shape)
@@ -298,6 +326,41 @@ def quantize_act(
             lv = _lower_expr(v, tvm.tirx.max(e, zero), lo4, hi4)
             return tvm.tirx.Select(e >= zero, lv, v).astype(odt)
 
+    if pack4 is not None:
+        if dynamic or not (nd == 4 and channel_axis == 1):
+            raise ValueError("pack4 needs a static NCHW quantize")
+        groups, Cg = (int(v) for v in pack4)
+        assert Cg * groups == C, (pack4, C)
+        CB = (Cg + 3) // 4
+        pt, pl, pb, pr = _norm_pad(pad)
+        N, _, H, W = shape
+
+        def byte(v, j):
+            v = v.astype("int32") if unsigned else v.astype("int32") + _i32(128)
+            return tvm.tirx.shift_left(v.astype("uint32"), tvm.tirx.const(8 * j, "uint32"))
+
+        # bytes of channels past Cg meet zero weights (the weight layout pads with 0), so any
+        # value does: they repeat the group's last channel, and the border fill is one constant
+        def packed(n, b, h, w):
+            out = tvm.tirx.const(0, "uint32")
+            for j in range(4):
+                ci = tvm.tirx.min((b % CB) * 4 + j, _i32(Cg - 1)) if Cg % 4 else (b % CB) * 4 + j
+                out = out | byte(qval(n, (b // CB) * Cg + ci, h, w), j)
+            return out
+
+        fill = tvm.tirx.const(0 if unsigned else 0x80808080, "uint32")
+
+        oshape = (N, groups * CB, H + pt + pb, W + pl + pr)
+        if pt or pl or pb or pr:
+            def fcomp(n, b, h, w):
+                inside = tvm.tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+                return tvm.tirx.if_then_else(inside, packed(n, b, h - pt, w - pl), fill)
+        else:
+            fcomp = packed
+        q = te.compute(oshape, fcomp, name="q")
+        func = te.create_prim_func([x, counts, rank, shift, q])
+        return _finish(func, "quantize_act", layout="NCHW4c", layer_index=li, unsigned=bool(unsigned),
+                       dynamic=False, pack_groups=groups, pack_cg=Cg)
     if nd == 4 and channel_axis == 1:
         pt, pl, pb, pr = _norm_pad(pad)
         N, _, H, W = shape
@@ -312,14 +375,17 @@ def quantize_act(
             fcomp = qval
         q = te.compute(oshape, fcomp, name="q")
         layout = "NCHW"
+        geometry = dict(pad=[pt, pl, pb, pr])
     else:
         if _norm_pad(pad) != (0, 0, 0, 0):
             raise ValueError("padding is only supported for the NCHW layout")
         q = te.compute(shape, qval, name="q")
         layout = "NC"
+        geometry = {}
     func = te.create_prim_func([x, counts, rank, shift, q])
     return _finish(func, "quantize_act", layout=layout, layer_index=li, unsigned=bool(unsigned),
-                   dynamic=bool(dynamic))
+                   dynamic=bool(dynamic), scale=float(scale), num_layers=L, channel_axis=channel_axis,
+                   **({"n_groups": int(n_groups)} if n_groups is not None else {}), **geometry)
 
 
 # --------------------------------------------------------------------------- lower_weight
@@ -467,6 +533,10 @@ def conv2d_int8(
     ob: int | None = None,
     exact_epilogue: bool = True,
     layout: str | None = None,
+    full_rows: bool = False,
+    act=None,
+    packed_input: bool = False,
+    spatial_lanes: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """INT8 conv2d over an already padded NCHW input, weight in the lowered layout.
 
@@ -474,6 +544,27 @@ def conv2d_int8(
     ``(qx i8|u8[N,C,Hp,Wp], w_l i8[conv_weight_layout_shape(...)], scale f32[O], bias f32[O], y)``;
     ``y`` is f32 ``[N,O,OH,OW]`` = ``f32(acc) * scale[o] + bias[o]`` (``out="float"``) or the
     int32 accumulator (``out="acc"``).
+
+    ``full_rows=True`` (depthwise ``"OIHWo"`` with ``ob == 1`` and a horizontal stride > 1; the
+    llvm target's choice): the accumulator is computed at every input column of an output row
+    (stride 1 along w, ``(OW - 1) * sw + 1`` columns) and the epilogue picks every ``sw``-th. The
+    MACs along w grow ``sw``-fold, but the inner loop reads contiguous bytes and vectorizes; with
+    a strided read it runs scalar (MobileNetV2's stride-2 depthwise convs: 2-4 GMAC/s). Same
+    integers as the plain form.
+
+    ``act=(lo, hi)`` (either may be None; ``out="float"`` only): the activation that follows the
+    layer (ReLU, ReLU6, clip) applied in the epilogue, saving a pass over the output.
+
+    ``packed_input=True`` (``"OIHWo4i"`` only): ``qx`` is already the repacked uint8
+    ``[N, groups * ceil(Cg/4), Hp, Wp, 4]`` (``quantize_act(pack4=...)`` viewed as bytes), so the
+    kernel has no repack stage.
+
+    ``spatial_lanes=True`` (packed 1x1, stride 1, unpadded, one group, ``OH * OW % 16 == 0``):
+    ``qx`` is the packed input viewed as ``[N, ceil(C/4), OH * OW, 4]`` and the accumulator is
+    laid out ``[N, O // ob, ob, OH * OW]``, so the VNNI instruction accumulates 16 output
+    positions of one channel (``x86_intrin.VNNI_S16x4``) and the NCHW epilogue reads and writes
+    whole rows; the channel-lane form transposes every tile into NCHW (the epilogue then costs
+    more than the MACs on MobileNetV2's wide, shallow pointwise convs).
     """
     N, C, Hp, Wp = (int(v) for v in x_padded_shape)
     O, Cg, KH, KW = (int(v) for v in w_shape)
@@ -486,23 +577,45 @@ def conv2d_int8(
     layout, ob = _resolve_layout(O, groups, Cg, layout, ob)
     bpg = opg // ob  # o-blocks per conv group
 
-    qx = te.placeholder((N, C, Hp, Wp), "uint8" if unsigned else "int8", name="qx")
+    if packed_input and layout != "OIHWo4i":
+        raise ValueError("packed_input needs the OIHWo4i (VNNI) layout")
+    if spatial_lanes and not (packed_input and layout == "OIHWo4i" and groups == 1 and KH == KW == 1
+                              and (sh, sw) == (1, 1) and (OH, OW) == (Hp, Wp) and (OH * OW) % 16 == 0):
+        raise ValueError("spatial_lanes needs a packed, unpadded 1x1 stride-1 conv with OH*OW % 16 == 0")
+    if spatial_lanes:
+        qx = te.placeholder((N, (Cg + 3) // 4, OH * OW, 4), "uint8", name="qx")
+    elif packed_input:
+        qx = te.placeholder((N, groups * ((Cg + 3) // 4), Hp, Wp, 4), "uint8", name="qx")
+    else:
+        qx = te.placeholder((N, C, Hp, Wp), "uint8" if unsigned else "int8", name="qx")
     scale = te.placeholder((O,), "float32", name="scale")
     bias = te.placeholder((O,), "float32", name="bias")
     rh = te.reduce_axis((0, KH), name="rh")
     rw = te.reduce_axis((0, KW), name="rw")
+    full_rows = bool(full_rows) and layout == "OIHWo" and ob == 1 and sw > 1 and KW > 1
     if layout == "OIHWo":
         wl = te.placeholder((O // ob, Cg, KH, KW, ob), "int8", name="w_l")
         rc = te.reduce_axis((0, Cg), name="rc")
-        acc = te.compute(
-            (N, O // ob, OH, OW, ob),
-            lambda n, oo, oh, ow, oi: te.sum(
-                qx[n, (oo // bpg) * Cg + rc, oh * sh + rh * dh, ow * sw + rw * dw]
-                .astype("int32") * wl[oo, rc, rh, rw, oi].astype("int32"),
-                axis=[rc, rh, rw],
-            ),
-            name="acc",
-        )
+        if full_rows:
+            acc = te.compute(
+                (N, O // ob, OH, (OW - 1) * sw + 1, ob),
+                lambda n, oo, oh, w_, oi: te.sum(
+                    qx[n, (oo // bpg) * Cg + rc, oh * sh + rh * dh, w_ + rw * dw]
+                    .astype("int32") * wl[oo, rc, rh, rw, oi].astype("int32"),
+                    axis=[rc, rh, rw],
+                ),
+                name="acc",
+            )
+        else:
+            acc = te.compute(
+                (N, O // ob, OH, OW, ob),
+                lambda n, oo, oh, ow, oi: te.sum(
+                    qx[n, (oo // bpg) * Cg + rc, oh * sh + rh * dh, ow * sw + rw * dw]
+                    .astype("int32") * wl[oo, rc, rh, rw, oi].astype("int32"),
+                    axis=[rc, rh, rw],
+                ),
+                name="acc",
+            )
         offset = None
     else:
         # VNNI layout: activations repacked to [N, groups*CB, Hp, Wp, 4] uint8 (4 channels per
@@ -518,7 +631,7 @@ def conv2d_int8(
                 return v
             return tvm.tirx.if_then_else(ci < Cg, v, tvm.tirx.const(0, "uint8"))
 
-        xr = te.compute((N, groups * CB, Hp, Wp, 4), repack, name="x_r")
+        xr = qx if packed_input else te.compute((N, groups * CB, Hp, Wp, 4), repack, name="x_r")
         rb = te.reduce_axis((0, CB), name="rb")
         rj = te.reduce_axis((0, 4), name="rj")
         if unsigned:
@@ -537,18 +650,31 @@ def conv2d_int8(
                                       axis=[sb, sh_, sw_, sj]),
                 name="w_sum")  # = -128 * sum(w)
             offset = wsum
-        acc = te.compute(
-            (N, O // ob, OH, OW, ob),
-            lambda n, oo, oh, ow, oi: te.sum(
-                xr[n, (oo // bpg) * CB + rb, oh * sh + rh * dh, ow * sw + rw * dw, rj]
-                .astype("int32") * wl[oo, rb, rh, rw, oi, rj].astype("int32"),
-                axis=[rb, rh, rw, rj],
-            ),
-            name="acc",
-        )
+        if spatial_lanes:
+            rb = te.reduce_axis((0, CB), name="rb")
+            acc = te.compute(
+                (N, O // ob, ob, OH * OW),
+                lambda n, oo, oi, p: te.sum(
+                    xr[n, rb, p, rj].astype("int32") * wl[oo, rb, 0, 0, oi, rj].astype("int32"),
+                    axis=[rb, rj]),
+                name="acc",
+            )
+        else:
+            acc = te.compute(
+                (N, O // ob, OH, OW, ob),
+                lambda n, oo, oh, ow, oi: te.sum(
+                    xr[n, (oo // bpg) * CB + rb, oh * sh + rh * dh, ow * sw + rw * dw, rj]
+                    .astype("int32") * wl[oo, rb, rh, rw, oi, rj].astype("int32"),
+                    axis=[rb, rh, rw, rj],
+                ),
+                name="acc",
+            )
 
     def acc_at(n, o, oh, ow):
-        a = acc[n, o // ob, oh, ow, o % ob]
+        if spatial_lanes:
+            a = acc[n, o // ob, o % ob, oh * OW + ow]
+        else:
+            a = acc[n, o // ob, oh, ow * sw if full_rows else ow, o % ob]
         if offset is not None:
             a = a + offset[o // ob, o % ob]
         return a
@@ -557,8 +683,8 @@ def conv2d_int8(
     if out == "float":
         y = te.compute(
             (N, O, OH, OW),
-            lambda n, o, oh, ow: fence(acc_at(n, o, oh, ow).astype("float32") * scale[o])
-            + bias[o],
+            lambda n, o, oh, ow: _clamp_act(fence(acc_at(n, o, oh, ow).astype("float32") * scale[o])
+                                            + bias[o], act),
             name="y",
         )
     elif out == "acc":
@@ -567,7 +693,9 @@ def conv2d_int8(
         raise ValueError(f"out must be 'float' or 'acc', got {out!r}")
     func = te.create_prim_func([qx, wl, scale, bias, y])
     return _finish(func, "conv2d_int8", ob=int(ob), groups=int(groups), out=out,
-                   unsigned=bool(unsigned), layout=layout)
+                   unsigned=bool(unsigned), layout=layout, strides=[sh, sw], dilation=[dh, dw], in_channels=C,
+                   full_rows=full_rows, exact_epilogue=bool(exact_epilogue), packed_input=bool(packed_input),
+                   spatial_lanes=bool(spatial_lanes), **_act_attrs(act))
 
 
 def dense_int8(
@@ -577,6 +705,7 @@ def dense_int8(
     out: str = "float",
     ob: int | None = None,
     exact_epilogue: bool = True,
+    act=None,
 ) -> tvm.tirx.PrimFunc:
     """INT8 dense. ``w_shape`` is the logical ``(O, C)``.  Params
     ``(qx i8|u8[M,C], w_l i8[O//ob,C,ob], scale f32[O], bias f32[O], y)``, ``y`` f32 ``[M,O]``
@@ -601,11 +730,71 @@ def dense_int8(
     if out == "float":
         y = te.compute(
             (M, O),
-            lambda m, o: fence(acc[m, o // ob, o % ob].astype("float32") * scale[o]) + bias[o],
+            lambda m, o: _clamp_act(fence(acc[m, o // ob, o % ob].astype("float32") * scale[o]) + bias[o], act),
             name="y")
     elif out == "acc":
         y = te.compute((M, O), lambda m, o: acc[m, o // ob, o % ob], name="y")
     else:
         raise ValueError(f"out must be 'float' or 'acc', got {out!r}")
     func = te.create_prim_func([qx, wl, scale, bias, y])
-    return _finish(func, "dense_int8", ob=int(ob), out=out, unsigned=bool(unsigned))
+    return _finish(func, "dense_int8", ob=int(ob), out=out, unsigned=bool(unsigned),
+                   exact_epilogue=bool(exact_epilogue), **_act_attrs(act))
+
+
+# --------------------------------------------------------------------------- variants
+def _param_shape(func, i):
+    p = func.params[i]
+    b = func.buffer_map[p] if hasattr(func, "buffer_map") else p
+    return [int(v) for v in b.shape]
+
+
+def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
+    """The same conv2d_int8 / dense_int8 / NCHW quantize_act kernel (same parameters, read back from its buffers and
+    ``flexiq.*`` attributes) with some construction options changed, e.g. ``full_rows=True`` or
+    ``act=(0.0, 6.0)``: how a target swaps in an equivalent variant after the rewrite. Attributes
+    the original carries beyond its construction options are kept."""
+    a = func.attrs
+    kind = str(a[KERNEL_ATTR])
+
+    def opt(name, default):
+        key = "flexiq." + name
+        return a[key] if key in a else default
+
+    act = None
+    if "flexiq.act_lo" in a:
+        act = tuple(None if str(a[k]) == "none" else float(a[k]) for k in ("flexiq.act_lo", "flexiq.act_hi"))
+    if kind in ("conv2d_int8", "dense_int8"):
+        common = dict(unsigned=bool(a["flexiq.unsigned"]), out=str(opt("out", "float")), ob=int(a["flexiq.ob"]),
+                      exact_epilogue=bool(opt("exact_epilogue", True)), act=act)
+    if kind == "conv2d_int8":
+        xs, wl = _param_shape(func, 0), _param_shape(func, 1)
+        groups = int(a["flexiq.groups"])
+        packed = bool(opt("packed_input", False))
+        if packed:   # the logical input shape is not the packed one: the output and attrs hold it
+            ys = _param_shape(func, len(func.params) - 1)
+            xs = [xs[0], int(a["flexiq.in_channels"])] + (ys[2:] if len(xs) == 4 else xs[2:4])
+        w_shape = (wl[0] * wl[-2 if str(a["flexiq.layout"]) == "OIHWo4i" else -1], xs[1] // groups, wl[2], wl[3])
+        args = dict(common, strides=[int(v) for v in opt("strides", [1, 1])],
+                    dilation=[int(v) for v in opt("dilation", [1, 1])], groups=groups,
+                    layout=str(a["flexiq.layout"]), full_rows=bool(opt("full_rows", False)),
+                    packed_input=packed, spatial_lanes=bool(opt("spatial_lanes", False)))
+        args.update(overrides)
+        new = conv2d_int8(xs, w_shape, **args)
+    elif kind == "dense_int8":
+        xs, wl = _param_shape(func, 0), _param_shape(func, 1)
+        args = dict(common)
+        args.update(overrides)
+        new = dense_int8(xs, (wl[0] * wl[2], wl[1]), **args)
+    elif kind == "quantize_act" and str(a["flexiq.layout"]) == "NCHW":
+        args = dict(pad=[int(v) for v in a["flexiq.pad"]], scale=float(a["flexiq.scale"]),
+                    unsigned=bool(a["flexiq.unsigned"]), layer_index=int(a["flexiq.layer_index"]),
+                    num_layers=int(a["flexiq.num_layers"]), dynamic=bool(a["flexiq.dynamic"]),
+                    n_groups=int(a["flexiq.n_groups"]) if "flexiq.n_groups" in a else None)
+        args.update(overrides)
+        new = quantize_act(_param_shape(func, 0), 1, **args)
+    else:
+        raise ValueError(f"rebuild_kernel: {kind} kernels ({a.get('flexiq.layout')}) have no variants")
+    for k, v in a.items():
+        if k not in new.attrs and k != "global_symbol":
+            new = new.with_attr(k, v)
+    return new

@@ -66,6 +66,8 @@ import numpy as np
 import tvm
 from tvm import te
 
+from ..quant.layer import ConvGeometry
+
 K4 = 64          # K of one INT4 mma (m16n8k64)
 K8 = 32          # K of one INT8 mma (m16n8k32)
 SLICE = K4       # groups are padded to multiples of this many channels
@@ -227,25 +229,12 @@ def schedule_elementwise(func: tvm.tirx.PrimFunc, block: str, threads: int = 256
 
 
 # --------------------------------------------------------------------------- GEMM
-@dataclass
-class GemmShape:
-    N: int
-    Hp: int
-    Wp: int
-    O: int
-    OH: int
-    OW: int
-    KH: int = 1
-    KW: int = 1
-    SH: int = 1
-    SW: int = 1
-    DH: int = 1
-    DW: int = 1
-    dense: bool = False
-
-    @property
-    def M(self) -> int:
-        return self.N * self.OH * self.OW
+def GemmShape(N: int, Hp: int, Wp: int, O: int, OH: int, OW: int, **kw) -> ConvGeometry:  # noqa: N802
+    """The GEMM view of a layer over an already padded Hp x Wp input. It is the layer geometry record
+    shared with the NPU codegen (quant/layer.py `ConvGeometry`: N, C, H, W, O, OH, OW, KH, KW, SH, SW,
+    DH, DW, PT, PL, PB, PR, groups, dense; Hp / Wp / M derived); a layer's own record
+    (`LayerSpec.geometry(batch)`, `NPULayer.geometry`) can be passed wherever a GemmShape is."""
+    return ConvGeometry.padded(N=N, Hp=Hp, Wp=Wp, O=O, OH=OH, OW=OW, **kw)
 
 
 class _Emitter:
@@ -388,7 +377,7 @@ def gemm_tc_source(shp: GemmShape, layout: TCLayout, layer_index: int, num_layer
             with e.block("for r in range(4):"):
                 k = f"{koff} + r // 2 * 16 + lane % 4 * 4 + v"
                 with e.block("for v in T.vectorized(4):" if not (emu or four_bit) else "for v in range(4):"):
-                    src = f"xq[{a_index(f'lane // 4 + r % 2 * 8', k)}]"
+                    src = f"xq[{a_index('lane // 4 + r % 2 * 8', k)}]"
                     if four_bit:
                         low = lower4(_i32(src), f"ex[{gexpr}]")
                         e(f"a8[{L}r * 4 + v] = T.Cast(\"{adt}\", {low})")
@@ -654,7 +643,7 @@ def gemm_tc_staged_source(shp: GemmShape, layout: TCLayout, layer_index: int, nu
     emu = mode == "emu"
     M, O, Kc, G = shp.M, shp.O, layout.Kc, layout.n_groups
     t = tile or choose_tile(M, O)
-    WM, WN, MI, NI, ST = t.wm, t.wn, t.mi, t.ni, t.stages
+    WM, MI, NI, ST = t.wm, t.mi, t.ni, t.stages
     BM, BN, NTH, NW = t.BM, t.BN, t.threads, t.wm * t.wn
     if ST < 2:
         raise ValueError("staged GEMM needs at least 2 stages")

@@ -67,7 +67,10 @@ def _attr(func, name, default=None):
 
 
 def _extent(sch, loop):
-    return int(sch.get(loop).extent)
+    e = sch.get(loop).extent
+    if not isinstance(e, tvm.tirx.IntImm):
+        e = tvm.sym.Analyzer().simplify(e)
+    return int(e)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -86,6 +89,16 @@ def _buf_shape(func, name):
 
 
 # --------------------------------------------------------------------------- schedules
+def _tile(sch, loop, inner: int, max_inner: int):
+    """Split `loop` into (outer, inner) through `sample_perfect_tile` with the hand-picked `inner`
+    as the decision: untuned builds get exactly that split, and tuning (flexiq_tvm.tuning, whose
+    search space is `apply_schedule`) samples and mutates the factor."""
+    ext = _extent(sch, loop)
+    factors = sch.sample_perfect_tile(loop, n=2, max_innermost_factor=max(max_inner, inner),
+                                      decision=[ext // inner, inner])
+    return sch.split(loop, factors)
+
+
 def _vec_inner(sch, loop, limit=64):
     """Vectorize ``loop`` (splitting off a divisor <= limit when it is longer)."""
     ext = _extent(sch, loop)
@@ -247,15 +260,16 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
     work = N * O * OH * OW * CB * 4 * KH * KW
     par = work >= _PARALLEL_MIN_MACS
 
-    # activation repack [N, G*CB, Hp, Wp, 4]
-    xr = sch.get_sblock("x_r")
-    xn, xb, xh, xw, xj = sch.get_loops(xr)
-    xo = sch.fuse(xn, xb, xh)
-    if par:
-        sch.parallel(xo)
-    # NOT vectorized: the 4-channel interleave makes TVM emit element-wise gathers (measured 20x
-    # slower than this scalar loop, which LLVM turns into plain byte moves)
-    sch.unroll(xj)
+    # activation repack [N, G*CB, Hp, Wp, 4] (absent when the quantize kernel wrote it packed)
+    if not _attr(func, "packed_input", 0):
+        xr = sch.get_sblock("x_r")
+        xn, xb, xh, xw, xj = sch.get_loops(xr)
+        xo = sch.fuse(xn, xb, xh)
+        if par:
+            sch.parallel(xo)
+        # NOT vectorized: the 4-channel interleave makes TVM emit element-wise gathers (measured
+        # 20x slower than this scalar loop, which LLVM turns into plain byte moves)
+        sch.unroll(xj)
 
     # sum of weights (signed activations only)
     try:
@@ -273,7 +287,7 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
     owt = _largest_divisor(OW, 14 if ob >= 16 else 24)
     yn, yo, yoh, yow = sch.get_loops(y)
     yoo, yoi = sch.split(yo, [None, ob])
-    yowo, yowi = sch.split(yow, [None, owt])
+    yowo, yowi = _tile(sch, yow, owt, 24)
     sch.reorder(yn, yoo, yoh, yowo, yoi, yowi)
     outer = sch.fuse(yn, yoo, yoh)
     if par:
@@ -316,7 +330,63 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
         sch.unroll(rw)
 
 
+def _sched_weight_sum(sch):
+    try:
+        ws = sch.get_sblock("w_sum")
+    except Exception:  # noqa: BLE001  (unsigned activations: no correction)
+        return
+    so, si, sb, sh_, sw_, sj = sch.get_loops(ws)
+    sch.reorder(so, sb, sh_, sw_, sj, si)
+    sch.vectorize(si)
+    sch.decompose_reduction(ws, sb)
+
+
+def _sched_conv_spatial(sch: s_tir.Schedule, func, target):
+    """Packed 1x1 conv with the accumulator along the output positions (compute.conv2d_int8
+    `spatial_lanes`): tile = ob channels x R whole output rows (R * OW a multiple of 16); per
+    16 positions, the ob accumulators stay put over the input-channel quads, each quad one
+    64-byte activation load feeding ob VNNI instructions with broadcast weights; the epilogue
+    then writes whole rows."""
+    import math
+
+    from .x86_intrin import get_intrin
+
+    ob = _attr(func, "ob", 16)
+    acc = sch.get_sblock("acc")
+    y = sch.get_sblock("y")
+    N, O, OH, OW = _buf_shape(func, "y")
+    CB = _buf_shape(func, "qx")[1]
+    par = N * O * OH * OW * CB * 4 >= _PARALLEL_MIN_MACS
+    _sched_weight_sum(sch)
+    R = 16 // math.gcd(OW, 16)
+    rows = R * max(1, 128 // (R * OW))          # about 128 positions per tile
+    while OH % rows:
+        rows -= R
+    yn, yo, yh, yw = sch.get_loops(y)
+    yoo, yoi = sch.split(yo, [None, ob])
+    yho, yhi = _tile(sch, yh, rows, max(rows, 16))
+    sch.reorder(yn, yoo, yho, yoi, yhi, yw)
+    outer = sch.fuse(yn, yoo, yho)
+    if par:
+        sch.parallel(outer)
+    _vec_inner(sch, yw, 16)
+    sch.compute_at(acc, outer)
+    loops = [l for l in sch.get_loops(acc)[1:] if _extent(sch, l) > 1]
+    oi, pl, *red = loops                     # (oi, p, rb?, rj)
+    rj = red[-1]
+    rb = red[0] if len(red) == 2 else None
+    pk, p16 = sch.split(pl, [None, 16])
+    order = [pk] + ([rb] if rb is not None else []) + [oi, p16, rj]
+    sch.reorder(*order)
+    init = sch.decompose_reduction(acc, order[1])
+    _vec_inner(sch, sch.get_loops(init)[-1], 16)
+    sch.tensorize(p16, get_intrin("spatial16", default_target() if target is None else target))
+    sch.unroll(oi)
+
+
 def _sched_conv(sch: s_tir.Schedule, func, target=None):
+    if _attr(func, "spatial_lanes", 0):
+        return _sched_conv_spatial(sch, func, target)
     if _attr(func, "layout", "OIHWo") == "OIHWo4i":
         return _sched_conv_vnni(sch, func, target)
     ob = _attr(func, "ob", 1)
@@ -330,7 +400,7 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
     work = N * O * OH * OW * Cg * KH * KW
     if ob > 1:
         owt = _largest_divisor(OW, 8 if ob >= 16 else 16)
-        owo, owi = sch.split(ow, [None, owt])
+        owo, owi = _tile(sch, ow, owt, 16)
         sch.reorder(n, oo, oh, owo, rc, rh, rw, owi, oi)
         outer = sch.fuse(n, oo, oh)
         if work >= _PARALLEL_MIN_MACS:
@@ -343,10 +413,28 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
             sch.unroll(rw)
         sch.vectorize(oi)
         sch.decompose_reduction(acc, rc)
+    elif _attr(func, "full_rows", 0):
+        # strided depthwise computed at every input column (compute.conv2d_int8(full_rows=True)):
+        # one output row's accumulators (a contiguous int32 row) per (n, o, oh), vectorized
+        # along w; the epilogue picks every sw-th column from that cache-resident row
+        yn, yo, yoh, yow = sch.get_loops(y)
+        outer = sch.fuse(yn, yo, yoh)
+        if work >= _PARALLEL_MIN_MACS:
+            sch.parallel(outer)
+        sch.compute_at(acc, outer)
+        w_, *red = [l for l in sch.get_loops(acc)[1:] if _extent(sch, l) > 1]
+        rh_rw = red[-2:] if len(red) >= 2 else red
+        sch.reorder(*rh_rw, w_)
+        _vec_inner(sch, w_, 64)     # (before decompose_reduction: needs the complete block)
+        init = sch.decompose_reduction(acc, rh_rw[0])
+        _vec_inner(sch, sch.get_loops(init)[-1], 64)
+        if KH * KW <= 16:
+            for l in rh_rw:
+                sch.unroll(l)
     else:
         # depthwise / ob == 1: vectorize along the output row
         V = OW if OW <= 64 else _largest_divisor(OW, 64)
-        owo, owv = sch.split(ow, [None, V])
+        owo, owv = _tile(sch, ow, V, 64)
         sch.reorder(n, oo, oh, owo, oi, rc, rh, rw, owv)
         outer = sch.fuse(n, oo, oh)
         if work >= _PARALLEL_MIN_MACS:

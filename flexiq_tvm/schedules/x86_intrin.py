@@ -144,6 +144,74 @@ def _impl8_b(
         )
 
 
+# Spatial lanes: 16 output POSITIONS of one output channel per instruction. A = 16 positions x 4
+# channels of the packed activation (64 contiguous bytes), B = that channel's 4 weights (broadcast).
+# The accumulator then runs along the output row, so the NCHW epilogue stores whole vectors (the
+# 16 x 4 form above accumulates 16 output channels and must transpose into NCHW).
+VNNI_S16x4 = "flexiq_dot_spatial16x4_vnni"
+
+
+@T.prim_func(s_tir=True)
+def _desc_s16(
+    A: T.Buffer((16, 4), "uint8", offset_factor=1),
+    B: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vi, vk], "int32") * T.cast(B[vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _impl_s16_b(
+    A: T.Buffer((16, 4), "uint8", offset_factor=1),
+    B: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        A_u8x64: T.let = A.vload([0, 0], dtype="uint8x64")
+        B_i8x4: T.let = B.vload([0], "int8x4")
+        B_i32: T.let = T.reinterpret(B_i8x4, dtype="int32")
+        B_i8x64: T.let = T.reinterpret(T.broadcast(B_i32, 16), dtype="int8x64")
+        C_i32x16: T.let = C.vload([0], dtype="int32x16")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C_i32x16,
+            T.reinterpret(A_u8x64, dtype="int8x64"),
+            B_i8x64,
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _impl_s16(
+    A: T.Buffer((16, 4), "uint8", offset_factor=1),
+    B: T.Buffer((4,), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:16, 0:4], B[0:4])
+        T.writes(C[0:16])
+        A_u8x64: T.let = A.vload([0, 0], dtype="uint8x64")
+        B_i8x4: T.let = B.vload([0], "int8x4")
+        B_i32: T.let = T.reinterpret(B_i8x4, dtype="int32")
+        C_i32x16: T.let = C.vload([0], dtype="int32x16")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C_i32x16,
+            T.reinterpret(A_u8x64, dtype="int32x16"),
+            T.broadcast(B_i32, 16),
+            dtype="int32x16",
+        )
+
+
 _REGISTERED = {}
 
 
@@ -159,12 +227,14 @@ def _probe(impl, target) -> bool:
         return False
 
 
-def get_intrin(lanes: int, target) -> str:
-    """Register (once) and return the name of the lanes x 4 VNNI intrinsic for this LLVM."""
+def get_intrin(lanes, target) -> str:
+    """Register (once) and return the name of the lanes x 4 VNNI intrinsic for this LLVM
+    (lanes 16 or 8: output channels; "spatial16": output positions)."""
     if lanes in _REGISTERED:
         return _REGISTERED[lanes]
-    desc, impls = {16: (_desc16, (_impl16_b, _impl16)), 8: (_desc8, (_impl8_b, _impl8))}[lanes]
-    name = VNNI_16x4 if lanes == 16 else VNNI_8x4
+    desc, impls = {16: (_desc16, (_impl16_b, _impl16)), 8: (_desc8, (_impl8_b, _impl8)),
+                   "spatial16": (_desc_s16, (_impl_s16_b, _impl_s16))}[lanes]
+    name = {16: VNNI_16x4, 8: VNNI_8x4, "spatial16": VNNI_S16x4}[lanes]
     for impl in impls:
         if _probe(impl, target):
             TensorIntrin.register(name, desc, impl, override=True)

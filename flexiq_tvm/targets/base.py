@@ -24,13 +24,26 @@ class FlexiQTarget:
         """Module pass body: every PrimFunc tagged `flexiq.kernel` gets this target's schedule,
         and is marked opaque so that TVM's fusion leaves it as scheduled.
 
-        `tuning_db`: a tuning database (see `flexiq_tvm.tuning`); not applied yet."""
+        `tuning_db`: a tuning database directory (`flexiq tune`), or None: a kernel with a record
+        gets the record's schedule, the others this target's hand schedule (named in one warning)."""
+        app = None
+        if tuning_db is not None:
+            from ..tuning.apply import AppliedDatabase, open_database
+
+            standalone = not isinstance(tuning_db, AppliedDatabase)
+            app = open_database(tuning_db, self.tvm_target)
         out = {}
         for gv, func in mod.functions_items():
             if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs:
-                func = self.schedule_kernel(func).with_attr("op_pattern", 8)  # kOpaque
+                if app is None:
+                    func = self.schedule_kernel(func)
+                else:
+                    func = app.schedule_kernel(gv.name_hint, func, self.schedule_kernel)
+                func = func.with_attr("op_pattern", 8)  # kOpaque
             out[gv] = func
         new = tvm.IRModule(out, attrs=mod.attrs)
+        if app is not None and standalone:
+            app.warn()
         return new
 
     def schedule_pass(self, tuning_db=None) -> tvm.transform.Pass:
@@ -45,9 +58,16 @@ class FlexiQTarget:
 
     def pipeline(self, tuning_db=None) -> tvm.transform.Pass:
         """The relax pipeline `build` compiles with: the FlexiQ kernel schedules, then TVM's
-        default pipeline for the target."""
-        return tvm.transform.Sequential([self.schedule_pass(tuning_db),
-                                         relax.get_default_pipeline(self.tvm_target)])
+        default pipeline for the target. With `tuning_db` (a directory written by `flexiq tune`):
+        the kernels' tuned schedules, and the other PrimFuncs' records applied after FuseTIR
+        (MetaScheduleApplyDatabase); one warning lists the tasks without a record."""
+        if tuning_db is None:
+            return tvm.transform.Sequential([self.schedule_pass(tuning_db),
+                                             relax.get_default_pipeline(self.tvm_target)])
+        from ..tuning.apply import open_database
+
+        app = open_database(tuning_db, self.tvm_target)
+        return tvm.transform.Sequential([self.schedule_pass(app), app.pipeline()])
 
     def build(self, mod: tvm.IRModule, tuning_db=None):
         return tvm.compile(mod, target=self.tvm_target, relax_pipeline=self.pipeline(tuning_db))

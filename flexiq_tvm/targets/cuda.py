@@ -225,13 +225,12 @@ class CUDATarget(FlexiQTarget):
         num_layers = int(counts_ty.shape.values[0])
         out_shape = [int(v) for v in func.ret_ty.shape.values]
         if L.op == "conv2d":
-            shp = cuda_sched.GemmShape(N=L.N, Hp=L.H + L.PT + L.PB, Wp=L.W + L.PL + L.PR, O=L.O, OH=L.OH, OW=L.OW,
-                                       KH=L.KH, KW=L.KW, SH=L.SH, SW=L.SW, DH=L.DH, DW=L.DW)
+            shp = L.geometry           # one geometry record (quant/layer.py ConvGeometry = GemmShape)
             qf = cuda_sched.quantize_tc((L.N, L.C, L.H, L.W), lay, act_scale, L.unsigned,
                                         pad=(L.PT, L.PL, L.PB, L.PR))
             y_shape = [L.N, L.O, L.OH, L.OW]
         else:
-            shp = cuda_sched.GemmShape(N=L.N, Hp=1, Wp=1, O=L.O, OH=1, OW=1, dense=True)
+            shp = L.geometry
             qf = cuda_sched.quantize_tc((L.N, L.C), lay, act_scale, L.unsigned)
             y_shape = [L.N, L.O]
         tile = None

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import tvm
 
+from ..passes.fuse_activation import fuse_activations
+from ..passes.hoist_weights import hoist_weight_lowering
+from ..passes.pack_conv_input import pack_conv_inputs
+from ..schedules.compute import KERNEL_ATTR
 from ..schedules import llvm as llvm_schedules
 from . import register_target
 from .base import FlexiQTarget
@@ -20,13 +24,60 @@ def host_target(num_cores: int = None) -> tvm.target.Target:
                               "num-cores": int(cores)})
 
 
+def full_row_depthwise(mod: tvm.IRModule) -> tvm.IRModule:
+    """Strided depthwise conv kernels replaced by their `full_rows` form (same parameters, same
+    integers; contiguous inner loop, see `compute.conv2d_int8`)."""
+    from ..schedules.compute import rebuild_kernel
+
+    out, changed = {}, False
+    for gv, f in mod.functions_items():
+        a = f.attrs if isinstance(f, tvm.tirx.PrimFunc) else None
+        if (a is not None and str(a.get(KERNEL_ATTR, "")) == "conv2d_int8" and str(a.get("flexiq.layout", "")) == "OIHWo"
+                and int(a.get("flexiq.ob", 0)) == 1 and "flexiq.strides" in a
+                and int(a["flexiq.strides"][1]) > 1 and not int(a.get("flexiq.full_rows", 0))):
+            f, changed = rebuild_kernel(f, full_rows=True), True
+        out[gv] = f
+    if not changed:
+        return mod
+    return tvm.IRModule(out, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(out)
+
+
 @register_target("llvm")
 class LLVMTarget(FlexiQTarget):
     name = "llvm"
 
-    def __init__(self, tvm_target=None, schedule: bool = True):
+    def __init__(self, tvm_target=None, schedule: bool = True, hoist_weights: bool = True,
+                 fuse_activations: bool = True, kernel_variants: bool = True):
         super().__init__(tvm_target or host_target())
         self.schedule = schedule
+        # deployment builds lower the weights once per ratio change (`flexiq_lower_weights`) and
+        # fold ReLU/ReLU6 into the layer epilogues; debugging builds driven by hand
+        # (compile_with_taps) keep main's plain signature and the pre-activation layer outputs
+        self.hoist_weights = hoist_weights
+        self.fuse_activations = fuse_activations
+        # packed quantize -> VNNI conv, spatial-lane 1x1 convs, full-row strided depthwise
+        self.kernel_variants = kernel_variants
+
+    def prepare(self, mod: tvm.IRModule) -> tvm.IRModule:
+        """Target-specific Relax rewrites before the kernels are scheduled: strided depthwise
+        kernels in their vectorizable form, the VNNI convs' inputs written packed by the
+        quantize kernels (`passes.pack_conv_input`), activations folded into the epilogues
+        (`passes.fuse_activation`), the weight lowering moved out of the per-call path
+        (`passes.hoist_weights`). Each keeps the integers, so the artifact stays bit-exact."""
+        if self.kernel_variants:
+            mod = pack_conv_inputs(full_row_depthwise(mod))
+        if self.fuse_activations:
+            mod = fuse_activations(mod)
+        return hoist_weight_lowering(mod) if self.hoist_weights else mod
+
+    def pipeline(self, tuning_db=None) -> tvm.transform.Pass:
+        target = self
+
+        @tvm.transform.module_pass(opt_level=0, name="FlexiQPrepareLLVM")
+        def _prepare(mod, _ctx):
+            return target.prepare(mod)
+
+        return tvm.transform.Sequential([_prepare, super().pipeline(tuning_db)])
 
     def schedule_kernel(self, func):
         if self.schedule:

@@ -7,13 +7,17 @@ MACs, reached through TVM's BYOC flow and executed by a bit-exact, cycle-countin
     runtime.c     the simulator (functional + timing), compiled into the artifact
     config.py     NPUConfig (array, SRAMs, DMA, vector unit, clock) and its validation
     stats.py      decoding of the per-layer cycle table behind `CompiledModel.npu_stats()`
+    tune.py       mapping tuning per layer and ratio level (simulator cycles, XGBoost ranker)
+    records.py    the tuning records (`<db_dir>/npu/records.json`) that `build(mod, tuning_db)` applies
 
 The NPU takes the FlexiQ layers (with a fused ReLU / ReLU6, per-ratio bias rows and dynamic
-extraction) and the residual adds between them (vector unit); whatever it does not take (pooling,
-reshapes, attention, layers that do not fit) is built for the host (llvm) in the same artifact.
+extraction), the residual adds between them and global average pools (vector unit); whatever it
+does not take (other pooling, reshapes, attention, layers that do not fit) is built for the host
+(llvm) in the same artifact.
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import tvm
@@ -84,26 +88,50 @@ class NPUTarget(LLVMTarget):
     # `bias_row` argument, and the vector unit adds that row of the layer's bias table
     supports_bias_rows = True
 
-    def __init__(self, tvm_target=None, schedule: bool = True, npu_config=None, merge: bool = True):
+    def __init__(self, tvm_target=None, schedule: bool = True, npu_config=None, merge: bool = True,
+                 tuning_db=None):
         super().__init__(tvm_target, schedule)
         self.config = NPUConfig.from_any(npu_config)
         self.merge = bool(merge)
+        self.tuning_db = tuning_db          # default for build(): a tuning directory (tune.py) or None
         self.programs = {}
+        self.untuned = []
 
     def partition(self, mod: tvm.IRModule) -> tvm.IRModule:
         ok = _feasible_layers(mod, self.config)
         return partition(mod, offload=lambda i: ok.get(i, False), merge=self.merge)
 
-    def lower(self, mod: tvm.IRModule) -> tvm.IRModule:
-        """Partition + codegen; returns the host module (external C module in its attrs)."""
+    def lower(self, mod: tvm.IRModule, tuning_db=None) -> tvm.IRModule:
+        """Partition + codegen; returns the host module (external C module in its attrs).
+        tuning_db: a directory holding `npu/records.json` (tune.tune_npu): each layer's tuned mapping
+        per ratio level is used where a record matches its geometry, level and configuration; the
+        others keep the cost model's choice (one warning lists them)."""
+        from ...quant.schedule import STANDARD_LEVELS
+        from .records import load_records, records_path
+
         params = mod["main"].params
         counts = next((p for p in params if str(getattr(p, "name", "")) == "counts"), params[1])
         num_layers = int(counts.ty.shape.values[0])
         levels = _level_counts(mod)
+        records = None
+        if tuning_db is not None:
+            records = load_records(tuning_db)
+            if levels is None:
+                warnings.warn("flexiq npu: the module carries no plan manifest, so its ratio levels are unknown; "
+                              f"the tuning records in {records_path(tuning_db)} are not applied")
         mod = self.partition(mod)
-        with build_context(mod, self.config, num_layers, levels) as ctx:
+        with build_context(mod, self.config, num_layers, levels, records,
+                           list(STANDARD_LEVELS) if levels is not None else None) as ctx:
             mod = relax.transform.RunCodegen()(mod)
             self.programs = dict(ctx.get("programs", {}))
+            self.untuned = list(ctx.get("untuned", []))
+        if records is not None and self.untuned:
+            by_layer = {}
+            for name, r, why in self.untuned:
+                by_layer.setdefault(name, []).append(f"{r:g}" + ("" if why == "no record" else f" ({why})"))
+            warnings.warn(f"flexiq npu: no tuning record in {records_path(tuning_db)} for {len(by_layer)} layer(s); "
+                          "they use the cost model's mapping at these levels: "
+                          + "; ".join(f"{n}: {', '.join(v)}" for n, v in by_layer.items()))
         if self.programs:
             bb = relax.BlockBuilder(mod)
             with bb.function(STATS_RELAX_FUNC, []):
@@ -116,4 +144,11 @@ class NPUTarget(LLVMTarget):
              if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs])(mod)
 
     def build(self, mod: tvm.IRModule, tuning_db=None):
-        return super().build(self.lower(mod), tuning_db)
+        """tuning_db: a tuning directory (`<dir>/npu/records.json`, see tune.py) or None (then the
+        one given to the constructor, if any). The host part is built as for llvm, with the
+        directory's llvm records when it holds any besides `npu/`."""
+        db = tuning_db if tuning_db is not None else self.tuning_db
+        host_db = None
+        if db is not None and os.path.isdir(db) and set(os.listdir(db)) - {"npu"}:
+            host_db = db        # the directory also holds host (llvm) records (flexiq_tvm.tuning): apply them
+        return super().build(self.lower(mod, db), host_db)

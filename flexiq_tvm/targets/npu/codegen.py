@@ -29,6 +29,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ...quant.layer import ACT_SCALE_ATTR, GEOMETRY_ATTR, ConvGeometry
 from ...schedules.compute import KERNEL_ATTR
 from .config import NPUConfig
 
@@ -49,11 +50,16 @@ _CTX: Dict[str, object] = {}
 
 
 @contextlib.contextmanager
-def build_context(mod: tvm.IRModule, config: NPUConfig, num_layers: int, levels=None):
+def build_context(mod: tvm.IRModule, config: NPUConfig, num_layers: int, levels=None, records=None,
+                  level_ratios=None):
+    """records: tuning records ({key: record}, records.py) or None; level_ratios: the ratio of each
+    entry of `levels` (the records are keyed by level). The context collects `untuned`: the layers
+    (name, level) without a usable record when records were given."""
     prims = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
     old = dict(_CTX)
     _CTX.clear()
-    _CTX.update(prims=prims, config=config, num_layers=num_layers, programs={}, levels=levels)
+    _CTX.update(prims=prims, config=config, num_layers=num_layers, programs={}, levels=levels, records=records,
+                level_ratios=level_ratios, untuned=[])
     try:
         yield _CTX
     finally:
@@ -146,11 +152,20 @@ class NPULayer:
     def macs(self):
         return self.N * self.O * self.OH * self.OW * self.Cg * self.KH * self.KW
 
+    @property
+    def geometry(self) -> ConvGeometry:
+        """The layer's geometry record (shared with the CUDA schedule's GemmShape)."""
+        return ConvGeometry(N=self.N, C=self.C, H=self.H, W=self.W, O=self.O, OH=self.OH, OW=self.OW, KH=self.KH,
+                            KW=self.KW, SH=self.SH, SW=self.SW, DH=self.DH, DW=self.DW, PT=self.PT, PL=self.PL,
+                            PB=self.PB, PR=self.PR, groups=self.groups, dense=self.op == "dense")
+
 
 @dataclass
 class NPUAdd:
     """A residual add `a + b` of two float32 tensors on the vector unit. Its operands are float
-    copies written by their producers (layers or adds; in the ABUF when they fit) or host inputs."""
+    copies written by their producers (layers or adds; in the ABUF when they fit) or host inputs.
+    With `pool` > 0 it is a global average pool instead: one operand of n x pool values (NCHW, the
+    H x W positions of each (sample, channel) contiguous), out[i] = float32 sum in order / pool."""
     n: int                                             # elements
     shape: Tuple[int, ...] = ()
     in_param: List[int] = field(default_factory=lambda: [-1, -1])
@@ -163,6 +178,11 @@ class NPUAdd:
     act_hi: float = float("inf")
     fadd_off: int = 0
     req_off: int = 0
+    pool: int = 0                                      # > 0: global average pool over `pool` positions
+
+    @property
+    def n_in(self):
+        return self.n * max(self.pool, 1)
 
 
 # This wheel has no Python TIR visitor (no tirx.stmt_functor), so the few numbers the codegen needs
@@ -183,7 +203,11 @@ def _eval_index(expr: str, values: Dict[str, int]) -> int:
 
 
 def _quantize_geometry(qf) -> Tuple[float, int, int]:
-    """(activation scale, pad top, pad left) from a quantize_act PrimFunc."""
+    """(activation scale, pad top, pad left) from a quantize_act PrimFunc: the rewrite's attributes
+    (quant/layer.py GEOMETRY_ATTR, ACT_SCALE_ATTR); kernels without them are read from their text."""
+    if qf.attrs is not None and GEOMETRY_ATTR in qf.attrs and ACT_SCALE_ATTR in qf.attrs:
+        g = ConvGeometry.from_attrs(qf.attrs[GEOMETRY_ATTR])
+        return float(np.float32(float(qf.attrs[ACT_SCALE_ATTR]))), g.PT, g.PL
     text = qf.script()
     m = re.search(r"/ T\.float32\(([-0-9.eE+]+)\) \+ T\.float32\(0\.5\)", text)
     if not m:
@@ -201,7 +225,11 @@ def _quantize_geometry(qf) -> Tuple[float, int, int]:
 
 
 def _conv_geometry(kf) -> Tuple[int, int, int, int]:
-    """(SH, SW, DH, DW) from a conv2d_int8 PrimFunc (the activation read in its reduction)."""
+    """(SH, SW, DH, DW) from a conv2d_int8 PrimFunc: the rewrite's GEOMETRY_ATTR, else the
+    activation read in its reduction."""
+    if kf.attrs is not None and GEOMETRY_ATTR in kf.attrs:
+        g = ConvGeometry.from_attrs(kf.attrs[GEOMETRY_ATTR])
+        return g.SH, g.SW, g.DH, g.DW
     for a in _accesses(kf, ("qx", "x_r")):
         if len(a) < 4 or "rh" not in a[2]:
             continue
@@ -692,12 +720,12 @@ def allocate_abuf(nodes, cfg: NPUConfig) -> None:
                 used[p:i + 1] += size
         else:
             ai = adds.index(x)
-            for k in range(2):
+            for k in range(1 if x.pool else 2):
                 if x.in_param[k] >= 0:
                     x.onchip[k] = False                 # read from the host tensor in DRAM
                     continue
                 p = producer.get(("A", 2 * ai + k), i)
-                size = 4 * x.n
+                size = 4 * x.n_in
                 x.onchip[k] = bool(used[p:i + 1].max() + size <= cfg.abuf_bytes)
                 if x.onchip[k]:
                     used[p:i + 1] += size
@@ -720,18 +748,44 @@ def _spill(L: NPULayer, t: Tiling, cfg: NPUConfig) -> str:
     return "; ".join(why)
 
 
-def choose_mappings(L: NPULayer, li: int, cfg: NPUConfig, levels_k: List[int]):
+def choose_mappings(L: NPULayer, li: int, cfg: NPUConfig, levels_k: List[int], records=None,
+                    level_ratios=None, untuned=None):
     """Per ratio level: the mapping with the fewest estimated cycles (every candidate is tried: the
-    space is small). Returns (variants, sel) with sel[k] the variant used when K4 = k: a level's
-    own choice, else that of the nearest level."""
+    space is small), or the tuned mapping of that level when `records` (tuning records, see
+    records.py and tune.py) hold one for this layer's geometry, level and configuration. Returns
+    (variants, sel) with sel[k] the variant used when K4 = k: a level's own choice, else that of
+    the nearest level. Levels without a usable record are appended to `untuned` as (name, level, why)."""
+    from .records import lookup
+
     cands = candidate_tilings(L, cfg)
     if not cands:
         raise ValueError(f"layer {L.layer} ({L.name}) does not fit the NPU's SRAMs ({cfg})")
     ks = sorted({int(min(max(k, 0), L.n_groups)) for k in levels_k} | {0, L.n_groups})
-    codes = [emit_variant(L, li, t, None) for t in cands]
+    tuned, tuned_cyc = {}, {}
+    if records is not None and level_ratios is not None:
+        for r, k in zip(level_ratios, levels_k):
+            k = int(min(max(k, 0), L.n_groups))
+            t, why, cyc = lookup(records, L, cfg, r, k)
+            if t is None:
+                if untuned is not None:
+                    untuned.append((L.name, float(r), why))
+            elif k not in tuned or cyc < tuned_cyc[k]:      # levels that share a count: the faster record
+                tuned[k], tuned_cyc[k] = t, cyc
+    n_default = len(cands)                     # counts without a record keep the cost model's space
+    for t in tuned.values():
+        if t not in cands:
+            cands.append(t)
+    codes = {}
     best = {}
     for k in ks:
-        cyc = [estimate_cycles(L, cfg, c, k) for c in codes]
+        if k in tuned:
+            best[k] = cands.index(tuned[k])
+            continue
+        cyc = []
+        for i in range(n_default):
+            if i not in codes:
+                codes[i] = emit_variant(L, li, cands[i], None)
+            cyc.append(estimate_cycles(L, cfg, codes[i], k))
         best[k] = int(np.argmin(cyc))
     used = []
     for k in ks:
@@ -749,6 +803,8 @@ def choose_mappings(L: NPULayer, li: int, cfg: NPUConfig, levels_k: List[int]):
 
 def _composite_kind(comp: relax.Function) -> str:
     name = str(comp.attrs["Composite"]) if comp.attrs is not None and "Composite" in comp.attrs else ""
+    if name.endswith(".pool") or name.endswith(".pool_flat"):
+        return "pool"
     return "add" if name.endswith(".add") or name.endswith(".add_relu") else "layer"
 
 
@@ -769,7 +825,8 @@ def _add_activation(comp: relax.Function, A: "NPUAdd") -> None:
                     A.act_hi = hi
 
 
-def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels=None) -> Program:
+def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels=None, records=None,
+                   level_ratios=None, untuned=None) -> Program:
     params = list(func.params)
     pidx = {p: i for i, p in enumerate(params)}
     local_funcs = {}
@@ -789,6 +846,14 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
                 continue
             if isinstance(v, relax.Call) and isinstance(v.op, relax.Var) and v.op in local_funcs:
                 comp = local_funcs[v.op]
+                if _composite_kind(comp) == "pool":
+                    N, C, H, W = (int(d) for d in v.args[0].ty.shape.values)
+                    A = NPUAdd(n=N * C, shape=(N, C), pool=H * W, onchip=[True, True])
+                    var_node[b.var] = ("A", len(adds))
+                    adds.append(A)
+                    nodes.append(A)
+                    node_inputs.append([alias.get(v.args[0], v.args[0])])
+                    continue
                 if _composite_kind(comp) == "add":
                     shape = tuple(int(d) for d in v.args[0].ty.shape.values)
                     A = NPUAdd(n=int(np.prod(shape)), shape=shape)
@@ -829,7 +894,7 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
 
     for x, ins in zip(nodes, node_inputs):
         for k, e in enumerate(ins):
-            what = f"layer {x.layer}" if isinstance(x, NPULayer) else "a residual add"
+            what = f"layer {x.layer}" if isinstance(x, NPULayer) else ("a global pool" if x.pool else "a residual add")
             if e in pidx:
                 if isinstance(x, NPULayer):
                     x.in_param = pidx[e]
@@ -868,9 +933,10 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
             continue
         L, li = x, layers.index(x)
         lk = [] if levels is None else [int(c[L.layer]) for c in levels if L.layer < len(c)]
+        lr = level_ratios if lk and level_ratios is not None and len(level_ratios) == len(lk) else None
         if not lk:
             lk = [0, L.n_groups // 2, L.n_groups]
-        variants, sel = choose_mappings(L, li, cfg, lk)
+        variants, sel = choose_mappings(L, li, cfg, lk, records, lr, untuned)
         L.spill = _spill(L, variants[0], cfg)
         all_variants.append(variants)
         sels.append(sel)
@@ -910,7 +976,7 @@ def _add_c(A: NPUAdd) -> str:
     return (f"{{{A.n}, {int(A.act)}, {f32(A.act_lo)}, {f32(A.act_hi)}, "
             f"{{{A.in_param[0]}, {A.in_param[1]}}}, {{{int(A.onchip[0])}, {int(A.onchip[1])}}}, "
             f"{A.out_index}, {len(A.req)}, {{{', '.join(map(str, req))}}}, {len(A.fadd)}, "
-            f"{{{', '.join(map(str, fadd))}}}}}")
+            f"{{{', '.join(map(str, fadd))}}}, {int(A.pool)}}}")
 
 
 def generate_c(programs: List[Program], cfg: NPUConfig, num_layers: int) -> str:
@@ -972,7 +1038,8 @@ def flexiq_npu_codegen(functions, options, constant_names):
     programs = []
     for f in functions:
         sym = str(f.attrs["global_symbol"])
-        programs.append(lower_function(sym, f, prims, cfg, _CTX.get("levels")))
+        programs.append(lower_function(sym, f, prims, cfg, _CTX.get("levels"), _CTX.get("records"),
+                                       _CTX.get("level_ratios"), _CTX.get("untuned")))
     _CTX["programs"] = {P.symbol: P for P in programs}
     code = generate_c(programs, cfg, num_layers)
     _CTX["c_source"] = code

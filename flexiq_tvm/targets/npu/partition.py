@@ -17,7 +17,9 @@ conv2d_int8 / dense_int8, found by the PrimFunc attribute `flexiq.kernel`). Here
 A ReLU6 (clip, or ONNX Clip imported as minimum(maximum(y, 0), 6)) fuses like a ReLU; the
 per-ratio bias table (take + reshape) is part of the layer; a residual add of two float32 NCHW
 tensors of one shape is its own composite (`flexiq_npu.add`, vector unit) and merges with the
-layers around it. Everything else (pooling, reshapes, softmax, ...) stays on the host (llvm).
+layers around it, and so is a global average pool (`mean` over H, W of a float32 NCHW tensor,
+optionally flattened: `flexiq_npu.pool` / `pool_flat`). Everything else (other pooling, reshapes,
+softmax, ...) stays on the host (llvm).
 """
 from __future__ import annotations
 
@@ -89,9 +91,9 @@ def act_bounds(act):
     raise ValueError(f"not an activation: {name}")
 
 
-def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True):
+def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True, pool_on_npu: bool = True):
     """The pattern table; `offload(layer_index) -> bool` may keep chosen layers on the host;
-    `add_on_npu=False` keeps residual adds on the host."""
+    `add_on_npu=False` keeps residual adds on the host, `pool_on_npu=False` global pools."""
     from tvm.relax.transform import FusionPattern
 
     def check(ctx, relu: bool) -> bool:
@@ -172,7 +174,40 @@ def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True):
                 return False
         return lo < hi
 
+    xp = wildcard()
+    mean = is_op("relax.mean")(xp)
+    flat = is_op("relax.reshape")(mean, wildcard())
+
+    def check_pool(ctx, flat_: bool) -> bool:
+        """A global average pool on the vector unit: mean over H and W of a float32 NCHW tensor of
+        static shape (keepdims or not), optionally flattened to (N, C) by the reshape after it."""
+        if not pool_on_npu:
+            return False
+        ann = ctx.annotated_expr
+        try:
+            m = ann["mean"]
+            ty = ann["x"].ty
+            if str(ty.dtype) != "float32" or len(ty.shape.values) != 4:
+                return False
+            N, C, _, _ = (int(v) for v in ty.shape.values)
+            axes = sorted(int(a) % 4 for a in m.attrs.axis)
+            if axes != [2, 3]:
+                return False
+            if flat_:
+                m_var = ctx.value_to_bound_var.get(m)
+                if m_var is None or len(ctx.var_usages.get(m_var, [])) != 1:
+                    return False
+                out = tuple(int(v) for v in ann["flat"].ty.shape.values)
+                if out not in ((N, C), (N, C, 1, 1)):
+                    return False
+        except (AttributeError, TypeError, ValueError):
+            return False
+        return True
+
     return [
+        FusionPattern(f"{CODEGEN}.pool_flat", flat, {"x": xp, "mean": mean, "flat": flat},
+                      lambda ctx: check_pool(ctx, True)),
+        FusionPattern(f"{CODEGEN}.pool", mean, {"x": xp, "mean": mean}, lambda ctx: check_pool(ctx, False)),
         FusionPattern(f"{CODEGEN}.layer_relu", relu, dict(ann, act=relu), lambda ctx: check(ctx, True)),
         FusionPattern(f"{CODEGEN}.layer", y, dict(ann), lambda ctx: check(ctx, False)),
         FusionPattern(f"{CODEGEN}.add_relu", add_act, {"a": a, "b": b, "add": add, "act": add_act}, check_add_act),
@@ -188,10 +223,11 @@ def inline_layers(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.CanonicalizeBindings()(mod)
 
 
-def partition(mod: tvm.IRModule, offload=None, merge: bool = True, add_on_npu: bool = True) -> tvm.IRModule:
+def partition(mod: tvm.IRModule, offload=None, merge: bool = True, add_on_npu: bool = True,
+              pool_on_npu: bool = True) -> tvm.IRModule:
     """Inline the layer functions, then fuse + annotate the NPU layers (no codegen yet)."""
     mod = inline_layers(mod)
-    pats = make_patterns(mod, offload, add_on_npu and merge)
+    pats = make_patterns(mod, offload, add_on_npu and merge, pool_on_npu and merge)
     entry = [gv.name_hint for gv, f in mod.functions_items()
              if isinstance(f, relax.Function) and (f.attrs is None or "Codegen" not in f.attrs)
              and gv.name_hint in ("main",)]

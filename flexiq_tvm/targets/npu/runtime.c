@@ -60,7 +60,8 @@ typedef struct {
   int32_t fadd[NPU_MAX_REQ];
 } npu_layer_t;
 
-/* a residual add a + b of two float32 tensors on the vector unit */
+/* a residual add a + b of two float32 tensors on the vector unit, or (pool > 0) a global average
+   pool: operand 0 holds n x pool values, out[i] = (sum_j in[i * pool + j], in order) / pool */
 typedef struct {
   int32_t n;                    /* elements */
   int32_t act;                  /* fused ReLU / ReLU6: clamp(a + b, act_lo, act_hi) */
@@ -72,6 +73,7 @@ typedef struct {
   int32_t req_layer[NPU_MAX_REQ];
   int32_t n_fadd;               /* adds reading a float copy */
   int32_t fadd[NPU_MAX_REQ];
+  int32_t pool;                 /* 0: add; > 0: global average pool over `pool` positions per output */
 } npu_add_t;
 
 typedef struct {
@@ -220,7 +222,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
   int64_t* add_ready = (int64_t*)calloc(P->n_adds + 1, sizeof(int64_t));
   int ok = ibuf[0] && ibuf[1] && wbuf[0] && wbuf[1] && obuf[0] && obuf[1] && xcode && wcode && qin && ls && fin && add_ready;
   for (int a = 0; ok && a < 2 * P->n_adds; ++a) {
-    fin[a] = (float*)malloc(sizeof(float) * P->adds[a / 2].n);
+    fin[a] = (float*)malloc(sizeof(float) * P->adds[a / 2].n * (P->adds[a / 2].pool > 0 ? P->adds[a / 2].pool : 1));
     if (!fin[a]) ok = 0;
   }
   for (int l = 0; ok && l < P->n_layers; ++l) {
@@ -254,20 +256,30 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
         DLTensor* Y = T[P->n_params + A->out_index];
         y = (float*)((char*)Y->data + Y->byte_offset);
       }
+      const int64_t pin = A->pool > 0 ? A->pool : 1, n_in = A->n * pin;
+      const int n_ops = A->pool > 0 ? 1 : 2;
       for (int64_t i = 0; i < A->n; ++i) {
-        float v = src[0][i] + src[1][i];
+        float v;
+        if (A->pool > 0) {                   /* host order: float32 sum over positions, then / count */
+          float acc = 0.0f;
+          for (int64_t j = 0; j < pin; ++j) acc = acc + src[0][i * pin + j];
+          v = acc / (float)A->pool;
+        } else {
+          v = src[0][i] + src[1][i];
+        }
         if (A->act) { if (v < A->act_lo) v = A->act_lo; if (v > A->act_hi) v = A->act_hi; }
         if (y) y[i] = v;
         npu_fan_out(P, qin, fin, A->n_req, A->req_layer, A->n_fadd, A->fadd, i, v);
       }
       int64_t bytes = 0;                     /* DRAM traffic: operands not on chip, host output, spilled copies */
-      for (int k = 0; k < 2; ++k) bytes += A->onchip[k] ? 0 : 4 * (int64_t)A->n;
+      for (int k = 0; k < n_ops; ++k) bytes += A->onchip[k] ? 0 : 4 * n_in;
       if (y) bytes += 4 * (int64_t)A->n;
       for (int c = 0; c < A->n_req; ++c) bytes += P->layers[A->req_layer[c]].in_onchip ? 0 : A->n;
       for (int c = 0; c < A->n_fadd; ++c) bytes += P->adds[A->fadd[c] / 2].onchip[A->fadd[c] % 2] ? 0 : 4 * (int64_t)A->n;
       int n_dyn = 0;
       for (int c = 0; c < A->n_req; ++c) n_dyn += P->layers[A->req_layer[c]].dynamic;
-      int64_t v = npu_ceil_div(A->n, cfg->lanes) * (1 + A->n_req + n_dyn + A->n_fadd);
+      /* one pipelined pass over the inputs (the add, or the pool's running sums), one per further copy */
+      int64_t v = npu_ceil_div(n_in, cfg->lanes) + npu_ceil_div(A->n, cfg->lanes) * (A->n_req + n_dyn + A->n_fadd);
       int64_t d = bytes ? cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw) : 0;
       int64_t s0 = npu_max64(npu_max64(tc.vec_free, add_ready[I[1]]), bytes ? tc.dma_free : 0);
       int64_t e = s0 + npu_max64(v, d);

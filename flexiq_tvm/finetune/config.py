@@ -1,0 +1,77 @@
+"""Finetuning options (no torch needed to build or read them)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+METHODS = ("block", "model")
+
+
+@dataclass
+class FinetuneConfig:
+    """How `fq.quantize(..., finetune=...)` trains the plan's INT8 codes for all ratio levels at once.
+
+    method: "block" (default): block-wise reconstruction, one residual block at a time (cut where a
+        single tensor carries the graph forward, at least `block_layers` FlexiQ layers a block), each
+        block's output matched to FP32 (MSE; the last block: KL of the logits), its input the already
+        finetuned quantized model's at the same level. "model": end-to-end distillation of the logits
+        (KL to FP32) on augmented calibration inputs. Measured here (benchmarks/finetune.py): on
+        MobileNetV2 (45 training crops) "block" lowered the held-out loss at ratio 0.5 from 0.33 to
+        0.18 and 0.75 from 0.85 to 0.33 in 7.6 min, while "model" (lr 0.1) did not lower it at all
+        before early stopping; on the demo CNN "model" likewise found no held-out improvement.
+    epochs: passes over the training part of the calibration set (per block for "block").
+    lr: Adam step size of the latent INT8 codes, in code units.
+    scale_lr: Adam step size of the log per-output-channel weight scales (0: scales fixed).
+    bias: train a per-level bias correction too (stored as the plan's bias_correction).
+    holdout: share of the calibration inputs held out (never trained on); training stops when their
+        loss has not improved for `patience` evaluations, and the best state is kept. If the final
+        held-out distillation loss (mean over levels) is worse than before, the plan is left unchanged.
+    levels_per_step: ratio levels sampled per step (the loss sums over them).
+    augment: random flips / resized crops of 4-D image inputs ("model" method only).
+    max_seconds: stop (keeping the best state) after this much training time.
+    """
+
+    method: str = "block"
+    epochs: int = 8
+    lr: float = 0.1
+    scale_lr: float = 1e-3
+    bias: bool = True
+    batch_size: int = 8
+    holdout: float = 0.2
+    patience: int = 3
+    levels_per_step: int = 2
+    augment: bool = True
+    block_layers: int = 3
+    eval_every: int = 0          # steps between held-out evaluations (0: once per epoch)
+    max_seconds: Optional[float] = None
+    threads: Optional[int] = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"finetune method must be one of {METHODS}, got {self.method!r}")
+        if int(self.epochs) < 1:
+            raise ValueError(f"finetune epochs must be >= 1, got {self.epochs}")
+        if not float(self.lr) > 0:
+            raise ValueError(f"finetune lr must be > 0, got {self.lr}")
+        if not 0.0 <= float(self.holdout) < 1.0:
+            raise ValueError(f"finetune holdout must be in [0, 1), got {self.holdout}")
+        if int(self.batch_size) < 1 or int(self.levels_per_step) < 1 or int(self.block_layers) < 1:
+            raise ValueError("finetune batch_size, levels_per_step and block_layers must be >= 1")
+        self.epochs, self.batch_size = int(self.epochs), int(self.batch_size)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def as_config(finetune) -> Optional[FinetuneConfig]:
+    """quantize's `finetune` argument: False/None (off), True (defaults), a dict or a FinetuneConfig."""
+    if finetune is None or finetune is False:
+        return None
+    if finetune is True:
+        return FinetuneConfig()
+    if isinstance(finetune, FinetuneConfig):
+        return finetune
+    if isinstance(finetune, dict):
+        return FinetuneConfig(**finetune)
+    raise TypeError(f"finetune must be a bool, a dict or a FinetuneConfig, got {type(finetune).__name__}")

@@ -1,0 +1,371 @@
+"""Trains one set of INT8 codes (plus per-channel weight scales and per-level biases) for every
+ratio level of a plan: end-to-end distillation ("model") or block-wise reconstruction ("block").
+
+Both hold out part of the calibration inputs, track the held-out loss, keep the best state and stop
+when it stops improving; the returned plan records both losses in plan.meta["finetune"].
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict
+
+import numpy as np
+
+from ..data import load_data
+from ..quant.plan import Plan
+from .config import FinetuneConfig
+from .losses import output_loss
+from .qmodel import QuantModel
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def augment_images(x, gen):
+    """Random horizontal flips and resized crops (area 40-100 %) of an NCHW batch, same size out."""
+    torch = _torch()
+    import torch.nn.functional as F
+
+    if x.ndim != 4 or min(x.shape[-2:]) < 16:
+        return x
+    N, C, H, W = x.shape
+    out = []
+    for n in range(N):
+        area = float(torch.empty(1).uniform_(0.4, 1.0, generator=gen))
+        ar = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)))
+        h = max(8, min(H, int(round(math.sqrt(area * H * W / ar)))))
+        w = max(8, min(W, int(round(math.sqrt(area * H * W * ar)))))
+        i = int(torch.randint(0, H - h + 1, (1,), generator=gen))
+        j = int(torch.randint(0, W - w + 1, (1,), generator=gen))
+        crop = x[n:n + 1, :, i:i + h, j:j + w]
+        if (h, w) != (H, W):
+            crop = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False)
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            crop = crop.flip(-1)
+        out.append(crop)
+    return torch.cat(out)
+
+
+FLOOR = 0.1   # a level's loss weight is 1 / max(its initial loss, FLOOR * the mean initial loss)
+
+
+def level_weights(init: Dict[float, float]) -> Dict[float, float]:
+    """Per-level loss weights: each level's loss relative to where it started, so that the INT8
+    level (whose loss is small) is not sacrificed to the 4-bit ones; levels already below FLOOR x
+    the mean are capped so that noise-level losses do not dominate."""
+    floor = FLOOR * float(np.mean(list(init.values()))) + 1e-12
+    return {r: 1.0 / max(v, floor) for r, v in init.items()}
+
+
+def weighted(losses: Dict[float, float], weights: Dict[float, float]) -> float:
+    return float(np.mean([losses[r] * weights[r] for r in losses]))
+
+
+def _split(n: int, holdout: float, seed: int):
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    n_hold = int(round(holdout * n)) if n >= 2 else 0
+    if holdout > 0 and n >= 2:
+        n_hold = min(max(n_hold, 1), n - 1)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+class _State:
+    """Snapshot / restore of the trainable tensors."""
+
+    def __init__(self, params):
+        self.params = params
+        self.best = [p.detach().clone() for p in params]
+
+    def save(self):
+        self.best = [p.detach().clone() for p in self.params]
+
+    def restore(self):
+        torch = _torch()
+        with torch.no_grad():
+            for p, b in zip(self.params, self.best):
+                p.copy_(b)
+
+
+def _batches(x, size):
+    return [x[s:s + size] for s in range(0, x.shape[0], size)]
+
+
+def heldout_kl(qm: QuantModel, x, teacher_out, levels, batch: int = 16) -> Dict[float, float]:
+    """Held-out distillation loss per level (KL for logits, relative MSE otherwise)."""
+    torch = _torch()
+    out = {}
+    logits = teacher_out.ndim == 2
+    with torch.no_grad():
+        for r in levels:
+            ys = torch.cat([qm.student(xb, r) for xb in _batches(x, batch)])
+            out[float(r)] = float(output_loss(teacher_out, ys, logits))
+    return out
+
+
+def finetune_plan(model, plan: Plan, calib, cfg: FinetuneConfig, progress: bool = True) -> Plan:
+    torch = _torch()
+
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    inputs, _ = load_data(calib, model, what="calibration data")
+    train_idx, hold_idx = _split(inputs.shape[0], cfg.holdout, cfg.seed)
+    x_train = torch.tensor(inputs[train_idx])
+    x_hold = torch.tensor(inputs[hold_idx]) if hold_idx.size else x_train[:0]
+    qm = QuantModel(model, plan)
+    levels = qm.levels
+    train_bias = bool(cfg.bias)
+    qm._bias_trained = train_bias
+    for l in qm.layers:
+        l.train_wscale = cfg.scale_lr > 0
+    with torch.no_grad():
+        t_hold = torch.cat([qm.teacher(xb) for xb in _batches(x_hold, 16)]) if hold_idx.size else None
+    eval_x = x_hold if hold_idx.size else x_train
+    with torch.no_grad():
+        eval_t = t_hold if t_hold is not None else torch.cat([qm.teacher(xb) for xb in _batches(x_train, 16)])
+    before = heldout_kl(qm, eval_x, eval_t, levels)
+    weights = level_weights(before)
+    report = {"method": cfg.method, "config": cfg.to_dict(), "train_samples": int(train_idx.size),
+              "heldout_samples": int(hold_idx.size), "heldout_before": before}
+    if cfg.method == "model":
+        hist = _train_model(qm, x_train, eval_x, eval_t, cfg, progress, t0)
+    else:
+        hist = _train_blocks(qm, x_train, eval_x, cfg, progress, t0)
+    after = heldout_kl(qm, eval_x, eval_t, levels)
+    report.update(hist)
+    report["heldout_after"] = after
+    mean_b, mean_a = weighted(before, weights), weighted(after, weights)
+    report["heldout_weighted_before"], report["heldout_weighted_after"] = mean_b, mean_a
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    if mean_a >= mean_b:
+        # the guard: finetuning made the held-out loss worse, keep the plan as it was
+        new = Plan.loads(plan.dumps())
+        report["kept"] = False
+    else:
+        new = qm.to_plan(bias=train_bias)
+        report["kept"] = True
+    new.meta["finetune"] = report
+    new.timings = dict(getattr(plan, "timings", {}))
+    new.timings["finetune"] = report["seconds"]
+    if progress:
+        print(f"finetune ({cfg.method}): held-out loss (weighted over {len(levels)} levels) {mean_b:.4f} -> {mean_a:.4f}"
+              f"{'' if report['kept'] else ' (worse: plan kept unchanged)'} in {report['seconds']:.0f} s", flush=True)
+    return new
+
+
+def _optimizer(qm: QuantModel, cfg: FinetuneConfig, layers=None):
+    torch = _torch()
+    layers = qm.layers if layers is None else [qm.layers[i] for i in layers]
+    groups = [{"params": [l.latent for l in layers], "lr": cfg.lr}]
+    if cfg.scale_lr > 0:
+        groups.append({"params": [l.log_wscale for l in layers], "lr": cfg.scale_lr})
+    if cfg.bias:
+        groups.append({"params": [p for l in layers for p in l.bias_delta.values()], "lr": cfg.lr * 0.05})
+    params = [p for g in groups for p in g["params"]]
+    return torch.optim.Adam(groups), params
+
+
+def _pick_levels(levels, k, gen):
+    """INT8 (level 0) every step, plus k - 1 other levels drawn at random."""
+    torch = _torch()
+    k = min(k, len(levels))
+    rest = [r for r in levels if r != 0.0]
+    picked = [0.0] if 0.0 in levels else []
+    idx = torch.randperm(len(rest), generator=gen)[:k - len(picked)].tolist()
+    return picked + [rest[i] for i in idx]
+
+
+def _train_model(qm, x_train, x_eval, t_eval, cfg, progress, t0):
+    """End-to-end: KL of the logits to FP32 on augmented training inputs, levels sampled per step."""
+    torch = _torch()
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt, params = _optimizer(qm, cfg)
+    state = _State(params)
+    n = x_train.shape[0]
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    eval_every = cfg.eval_every or steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    logits = t_eval.ndim == 2
+    init = heldout_kl(qm, x_eval, t_eval, qm.levels)
+    norm = level_weights(init)
+    best = weighted(init, norm)
+    history, bad, step = [{"step": 0, "heldout": best}], 0, 0
+    bar = tqdm(total=total, desc="finetune (model)", disable=not progress, leave=False)
+    stopped = "epochs"
+    for step in range(1, total + 1):
+        idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+        xb = x_train[idx]
+        if cfg.augment:
+            xb = augment_images(xb, gen)
+        with torch.no_grad():
+            tb = qm.teacher(xb)
+        opt.zero_grad()
+        loss_v = 0.0
+        for r in _pick_levels(qm.levels, cfg.levels_per_step, gen):
+            loss = output_loss(tb, qm.student(xb, r), logits)
+            (loss * norm[r]).backward()
+            loss_v += float(loss.detach())
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_v:.4f}", best=f"{best:.4f}")
+        if step % eval_every == 0 or step == total:
+            h = weighted(heldout_kl(qm, x_eval, t_eval, qm.levels), norm)
+            history.append({"step": step, "train": loss_v, "heldout": h})
+            if h < best - 1e-6:
+                best, bad = h, 0
+                state.save()
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    stopped = "heldout loss stopped improving"
+                    break
+        if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
+            stopped = "max_seconds"
+            break
+    bar.close()
+    state.restore()
+    return {"steps": step, "stopped": stopped, "history": history}
+
+
+def _blocks(qm: QuantModel, min_layers: int):
+    """(start, stop) binding ranges, each with >= min_layers FlexiQ layers (the last takes the rest)."""
+    g = qm.graph
+    cuts = g.cuts()
+    bounds = [0] + cuts + [len(g.bindings)]
+    blocks, start = [], 0
+    for k in range(1, len(bounds)):
+        stop = bounds[k]
+        if len(g.layers_between(start, stop)) >= min_layers and stop < len(g.bindings):
+            blocks.append((start, stop))
+            start = stop
+    if start < len(g.bindings):
+        if blocks and not g.layers_between(start, len(g.bindings)):
+            blocks[-1] = (blocks[-1][0], len(g.bindings))
+        else:
+            blocks.append((start, len(g.bindings)))
+    return [b for b in blocks if g.layers_between(*b)] or [(0, len(g.bindings))]
+
+
+def _run_block(qm, start, stop, x, layer_fn):
+    g = qm.graph
+    entry = g.param if start == 0 else g.bindings[start - 1].var
+    env = {entry: x}
+    sym = g.symbols_batch(x.shape[0])
+    g.run_range(env, sym, start, stop, layer_fn)
+    if stop == len(g.bindings):
+        return g._val(g.output, env, sym)
+    return env[g.bindings[stop - 1].var]
+
+
+def _train_blocks(qm, x_train, x_eval, cfg, progress, t0):
+    """Block by block: each block's output at every sampled level matched to FP32's (relative MSE;
+    KL for the model's logits), its inputs those of the finetuned quantized blocks before it."""
+    torch = _torch()
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    blocks = _blocks(qm, cfg.block_layers)
+    levels = qm.levels
+    g = qm.graph
+    # cached block inputs: FP32 (teacher) and quantized at every level, for train and held-out inputs
+    fp_tr, fp_ev = x_train, x_eval
+    q_tr = {r: x_train for r in levels}
+    q_ev = {r: x_eval for r in levels}
+    n = x_train.shape[0]
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    per_block = []
+    total_steps = 0
+    bar = tqdm(total=len(blocks) * cfg.epochs * steps_per_epoch, desc="finetune (blocks)", disable=not progress,
+               leave=False)
+    for b, (start, stop) in enumerate(blocks):
+        layer_ids = g.layers_between(start, stop)
+        last = stop == len(g.bindings)
+        with torch.no_grad():
+            t_tr = torch.cat([_run_block(qm, start, stop, xb, qm.float_layer)
+                              for xb in _batches(fp_tr, 16)])
+            t_ev = torch.cat([_run_block(qm, start, stop, xb, qm.float_layer)
+                              for xb in _batches(fp_ev, 16)])
+        logits = last and t_tr.ndim == 2
+
+        def loss_on(qx, tgt, r):
+            y = _run_block(qm, start, stop, qx, qm.layer_fn(r))
+            return output_loss(tgt, y, logits)
+
+        def heldout(per_level=False):
+            with torch.no_grad():
+                vals = {}
+                for r in levels:
+                    ys = torch.cat([_run_block(qm, start, stop, xb, qm.layer_fn(r))
+                                    for xb in _batches(q_ev[r], 16)])
+                    vals[r] = float(output_loss(t_ev, ys, logits))
+            return vals if per_level else weighted(vals, norm)
+
+        opt, params = _optimizer(qm, cfg, layer_ids)
+        state = _State(params)
+        deadline = None
+        if cfg.max_seconds:
+            # the time left, shared equally by the blocks still to train
+            deadline = time.perf_counter() + max(0.0, cfg.max_seconds - (time.perf_counter() - t0)) / (len(blocks) - b)
+        total = cfg.epochs * steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        init = heldout(per_level=True)
+        norm = level_weights(init)
+        best = first = heldout()
+        bad, hist, stopped = 0, [], "epochs"
+        eval_every = cfg.eval_every or steps_per_epoch
+        step = 0
+        if True:
+            for step in range(1, total + 1):
+                idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
+                opt.zero_grad()
+                lv = 0.0
+                for r in _pick_levels(levels, cfg.levels_per_step, gen):
+                    loss = loss_on(q_tr[r][idx], t_tr[idx], r)
+                    (loss * norm[r]).backward()
+                    lv += float(loss.detach())
+                opt.step()
+                sched.step()
+                bar.update(1)
+                if step % eval_every == 0 or step == total:
+                    h = heldout()
+                    hist.append(h)
+                    if h < best - 1e-7:
+                        best, bad = h, 0
+                        state.save()
+                    else:
+                        bad += 1
+                        if bad >= cfg.patience:
+                            stopped = "heldout loss stopped improving"
+                            break
+                if deadline is not None and time.perf_counter() > deadline:
+                    stopped = "time budget"
+                    break
+            state.restore()
+        total_steps += step
+        per_block.append({"layers": [qm.layers[i].spec.name for i in layer_ids], "steps": step,
+                          "heldout_before": init, "heldout_rel_after": best, "stopped": stopped})
+        bar.set_postfix(block=f"{b + 1}/{len(blocks)}", heldout=f"{first:.4f}->{best:.4f}")
+        if not last:
+            with torch.no_grad():
+                fp_tr = torch.cat([_run_block(qm, start, stop, xb, qm.float_layer)
+                                   for xb in _batches(fp_tr, 16)])
+                fp_ev = torch.cat([_run_block(qm, start, stop, xb, qm.float_layer)
+                                   for xb in _batches(fp_ev, 16)])
+                for r in levels:
+                    f = qm.layer_fn(r)
+                    q_tr[r] = torch.cat([_run_block(qm, start, stop, xb, f)
+                                         for xb in _batches(q_tr[r], 16)])
+                    q_ev[r] = torch.cat([_run_block(qm, start, stop, xb, f)
+                                         for xb in _batches(q_ev[r], 16)])
+    bar.close()
+    return {"steps": total_steps, "blocks": per_block}

@@ -1,0 +1,117 @@
+"""The llvm deployment rewrites (targets/llvm.py `prepare`): strided depthwise kernels over full
+rows, ReLU / ReLU6 folded into the layer epilogues, weights lowered once per ratio change. Each
+must leave the artifact's outputs identical, bit for bit, to the plain build at every ratio."""
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+import flexiq_tvm as fq
+from flexiq_tvm.passes.flexiq_rewrite import flexiq_rewrite
+from flexiq_tvm.passes.hoist_weights import LOWER_WEIGHTS_FUNC
+from flexiq_tvm.runtime import compiled
+from flexiq_tvm.schedules.compute import KERNEL_ATTR
+from flexiq_tvm.targets import get_target
+from conftest import counts_grid
+
+
+def _mobile_block(g):
+    """A MobileNetV2-like stack: pointwise expand + ReLU6 (ONNX Clip), stride-2 depthwise + ReLU6,
+    linear projection, a residual block, a ReLU whose input is also read by a residual add (must
+    not be fused), pooling and a classifier."""
+    def relu6():
+        return g.node("Clip", [g.cur, g.const(np.float32(0.0), "lo"), g.const(np.float32(6.0), "hi")])
+
+    g.conv(3, 16, 3, 2, 1), relu6()
+    g.conv(16, 48, 1, 1, 0), relu6()
+    g.conv(48, 48, 3, 2, 1, groups=48), relu6()
+    x = g.conv(48, 24, 1, 1, 0)
+    g.conv(24, 72, 1, 1, 0), g.relu()
+    g.conv(72, 72, 3, 1, 1, groups=72), relu6()
+    y = g.conv(72, 24, 1, 1, 0)
+    g.node("Add", [x, y])
+    g.gap(), g.flatten(), g.gemm(24, 10)
+
+
+@pytest.fixture(scope="module")
+def mobile(tmp_path_factory):
+    from conftest import GraphBuilder
+
+    g = GraphBuilder((3, 32, 32), seed=3)
+    _mobile_block(g)
+    path = g.save(tmp_path_factory.mktemp("deploy") / "mobile.onnx")
+    model = fq.load_model(path)
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
+    plan = fq.quantize(model, calib, group_size=8, search="range", recover=True, progress=False)
+    return model, plan
+
+
+def test_prepared_module_structure(mobile):
+    model, plan = mobile
+    mod = get_target("llvm").prepare(flexiq_rewrite(model.mod, model.layers, plan, 2))
+    main = mod["main"]
+    ops = [b.value.op.name for blk in main.body.blocks for b in blk.bindings
+           if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)]
+    # the ReLU6s (Clip) and the ReLU after a layer are in the epilogues; the ReLU after the
+    # residual add is not a layer's (it stays)
+    assert not any(o in ("relax.clip", "relax.minimum") for o in ops), ops
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+               and f.attrs is not None and KERNEL_ATTR in f.attrs}
+    acts = [f for f in kernels.values() if "flexiq.act_lo" in f.attrs]
+    assert len(acts) == 5
+    assert sum(float(f.attrs["flexiq.act_hi"]) == 6.0 for f in acts if str(f.attrs["flexiq.act_hi"]) != "none") == 4
+    full = [f for f in kernels.values() if int(f.attrs.get("flexiq.full_rows", 0))]
+    assert len(full) == 1 and int(full[0].attrs["flexiq.groups"]) == 48
+    # the weights are lowered by flexiq_lower_weights only, and main takes them as its last input
+    assert LOWER_WEIGHTS_FUNC == compiled.LOWER_WEIGHTS_FUNC
+    lower_fn = mod[LOWER_WEIGHTS_FUNC]
+    assert len(lower_fn.ret_ty.fields) == plan.num_layers
+    assert main.params[-1].name == "flexiq_weights"
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function) and gv.name_hint != LOWER_WEIGHTS_FUNC:
+            called = [mod[b.value.args[0]] for blk in f.body.blocks for b in blk.bindings
+                      if isinstance(b.value, relax.Call) and b.value.op.same_as(tvm.ir.Op.get("relax.call_tir"))]
+            assert not any(str(k.attrs.get(KERNEL_ATTR, "")) == "lower_weight" for k in called if k.attrs), gv
+
+
+def test_deploy_build_bit_exact_with_plain_build(mobile):
+    model, plan = mobile
+    plain = fq.compile(model, plan, batch_size=2, hoist_weights=False, fuse_activations=False)
+    deploy = fq.compile(model, plan, batch_size=2)
+    x = np.random.default_rng(5).standard_normal((5, 3, 32, 32)).astype(np.float32) * 2
+    for r in (0.0, 0.25, 0.5, 1.0):
+        plain.set_ratio(r), deploy.set_ratio(r)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
+    for counts in counts_grid(plan, seed=3):
+        plain.set_counts(counts), deploy.set_counts(counts)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+
+
+def test_weights_lowered_once_per_ratio(mobile, tmp_path):
+    model, plan = mobile
+    cm = fq.compile(model, plan, batch_size=1)
+    x = np.random.default_rng(6).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    y0 = cm(x)                                  # the VM exists from here on
+    cm.set_ratio(0.5)
+    assert cm.last_lowering_s > 0               # a new ratio: lowered inside the switch
+    y5 = cm(x)
+    assert not np.array_equal(y0, y5)
+    cm.set_ratio(0.0)
+    assert cm.last_lowering_s == 0              # recently used: a lookup
+    np.testing.assert_array_equal(cm(x), y0)
+    cm.set_ratio(0.5)
+    assert cm.last_lowering_s == 0
+    np.testing.assert_array_equal(cm(x), y5)
+    # more distinct ratios than the cache holds: still right when an evicted one comes back
+    for i in range(compiled._WEIGHT_CACHE + 2):
+        cm.set_counts(np.minimum(np.full(plan.num_layers, i % 3), [l.n_groups for l in plan.layers]))
+        cm(x)
+    cm.set_ratio(0.5)
+    np.testing.assert_array_equal(cm(x), y5)
+    # the exported artifact carries the lowering function
+    path = tmp_path / "m.so"
+    cm.export(path)
+    loaded = fq.load_artifact(path)
+    loaded.set_ratio(0.5)
+    np.testing.assert_array_equal(loaded(x), y5)
