@@ -35,12 +35,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import flexiq_tvm as fq  # noqa: E402
-from flexiq_tvm.calibrate import collect_stats  # noqa: E402
-from flexiq_tvm.data import load_data  # noqa: E402
+from flexiq_tvm.calibrate.stats import collect_stats  # noqa: E402
+from flexiq_tvm.calibrate.data import load_data  # noqa: E402
 from flexiq_tvm.quant.build import build_plan  # noqa: E402
 from flexiq_tvm.quant.plan import Plan  # noqa: E402
-from flexiq_tvm.recovery import recover_bias  # noqa: E402
-from flexiq_tvm.search import run_search  # noqa: E402
+from flexiq_tvm.search.recovery import recover_bias  # noqa: E402
+from flexiq_tvm.search.driver import run_search  # noqa: E402
 
 SHARES = (0.5, 0.75)
 
@@ -54,14 +54,14 @@ def random_plan(plan: Plan, seed: int) -> Plan:
     p = copy(plan)
     p.layers = [l.reorder_groups(rng.permutation(l.n_groups)) for l in p.layers]
     steps = np.concatenate([[i] * l.n_groups for i, l in enumerate(p.layers)]).astype(int)
-    from flexiq_tvm.search import _set_schedule
+    from flexiq_tvm.search.driver import _set_schedule
     _set_schedule(p, rng.permutation(steps).tolist())
     return p
 
 
 def layer_level_plan(plan: Plan) -> Plan:
     """Whole layers, cheapest measured full-lowering error per MAC first."""
-    from flexiq_tvm.search import _set_schedule
+    from flexiq_tvm.search.driver import _set_schedule
     p = copy(plan)
     err = p.meta["layer_error_at_full_4bit"]
     order = sorted(range(p.num_layers), key=lambda i: (err[p.layers[i].name] / p.layers[i].group_macs.sum(), i))
@@ -174,7 +174,7 @@ def mobilenet_rows(args):
 
     sys.path.insert(0, str(REPO / "examples"))
     import mobilenetv2_imagenet as mnv2
-    from flexiq_tvm.images import ImageFolder
+    from flexiq_tvm.calibrate.images import ImageFolder
 
     ns = SimpleNamespace(threads=2, weights=None, photos=None, calib_crops=8, eval_crops=8, seed=args.seed,
                          frontend="onnx")

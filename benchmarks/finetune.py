@@ -3,7 +3,7 @@
 
 For each model the full default pipeline (percentile calibration, evolutionary search, per-ratio
 bias correction, compensated rounding) makes the plan once (cached in --work-dir: MobileNetV2's
-takes 10-40 min here); the finetuning stage (`flexiq_tvm.finetune`, default config unless
+takes 10-40 min here); the finetuning stage (`flexiq_tvm.search.finetune`, default config unless
 --method/--epochs/--lr) then trains its INT8 codes, and both plans are compiled for llvm and
 evaluated at every standard ratio: top-1 agreement with FP32, KL(FP32 || FlexiQ), top-5 overlap
 and, where the data has labels (the Fashion-MNIST models), top-1 accuracy. Finetuning wall time
@@ -36,7 +36,7 @@ MODEL_FILES = {"cnn": "fashion_cnn.onnx", "vit": "fashion_vit.onnx"}
 
 
 def metrics(ref, y, labels=None) -> dict:
-    from flexiq_tvm.evaluate import kl_divergence
+    from flexiq_tvm.report.evaluate import kl_divergence
 
     top5_r = np.argsort(-ref, axis=1)[:, :5]
     top5_y = np.argsort(-y, axis=1)[:, :5]
@@ -57,7 +57,7 @@ def evaluate_plan(model, plan, x, labels, ref, batch=16):
 
 
 def fp32_logits(model, x, batch=16):
-    from flexiq_tvm.evaluate import _run_float
+    from flexiq_tvm.report.evaluate import _run_float
 
     return _run_float(fq.compile_float(model, batch), x, batch, False, "fp32")
 
@@ -68,7 +68,7 @@ def load_case(name, work: Path, seed: int):
         from types import SimpleNamespace
 
         import mobilenetv2_imagenet as mnv2
-        from flexiq_tvm.images import ImageFolder
+        from flexiq_tvm.calibrate.images import ImageFolder
 
         ns = SimpleNamespace(threads=1, weights=None, photos=None, calib_crops=8, eval_crops=8, seed=seed,
                              frontend="onnx")
@@ -96,7 +96,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import torch
 
-    from flexiq_tvm.finetune import FinetuneConfig, finetune_plan
+    from flexiq_tvm.search.finetune import FinetuneConfig, finetune_plan
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)

@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import flexiq_tvm as fq  # noqa: E402
-from flexiq_tvm.data import load_data  # noqa: E402
-from flexiq_tvm.fitness import OutputDistance  # noqa: E402
-from flexiq_tvm.reference_model import build_onnx_reference  # noqa: E402
+from flexiq_tvm.calibrate.data import load_data  # noqa: E402
+from flexiq_tvm.search.fitness import OutputDistance  # noqa: E402
+from flexiq_tvm.report.reference_model import build_onnx_reference  # noqa: E402
 
 
 def best_of(fn, repeat):

@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import flexiq_tvm as fq  # noqa: E402
-from flexiq_tvm.data import load_data  # noqa: E402
+from flexiq_tvm.calibrate.data import load_data  # noqa: E402
 
 RATIOS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ASSETS = os.path.join(ROOT, "flexiq_tvm", "assets")

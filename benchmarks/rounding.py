@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import flexiq_tvm as fq  # noqa: E402
 from ablation import demo_model_and_data  # noqa: E402
-from flexiq_tvm.evaluate import evaluate  # noqa: E402
+from flexiq_tvm.report.evaluate import evaluate  # noqa: E402
 
 ROUNDINGS = ("nearest", "compensated")
 MODEL_FILES = {"cnn": "fashion_cnn.onnx", "vit": "fashion_vit.onnx"}

@@ -87,7 +87,7 @@ def get_plan(args, target):
 
 def accuracy_per_ratio(args, model, plan, levels, tag):
     """{ratio: top-1 (or agreement with FP32)} from --eval-json, else from an eval of `plan` here."""
-    from flexiq_tvm.evaluate import evaluate
+    from flexiq_tvm.report.evaluate import evaluate
 
     path = args.eval_json
     if path is None:
@@ -321,7 +321,7 @@ def table_service(table, batch_sizes):
 
 
 def cmd_npu(args):
-    from flexiq_tvm.data import load_data
+    from flexiq_tvm.calibrate.data import load_data
 
     model, plan = get_plan(args, "npu")
     levels = sorted(set([0.0] + [float(r) for r in plan.levels]))
@@ -438,7 +438,7 @@ def _metrics(url):
 
 
 def cmd_live(args):
-    from flexiq_tvm.data import load_data
+    from flexiq_tvm.calibrate.data import load_data
     from flexiq_tvm.serving.loadgen import run_open_loop, summarize_live
 
     proc = None

@@ -192,7 +192,7 @@ def agreement(ref: np.ndarray, y: np.ndarray) -> dict:
     classes: FP32's top-1 there has a probability near 0.1 and a margin of a few hundredths over
     the runner-up, so any perturbation flips it. Agreement is therefore also reported on the crops
     FP32 classifies with probability >= CONFIDENT (`agree_confident`, over `confident_crops`)."""
-    from flexiq_tvm.evaluate import _softmax, kl_divergence
+    from flexiq_tvm.report.evaluate import _softmax, kl_divergence
 
     sure = _softmax(ref.astype(np.float64)).max(1) >= CONFIDENT
 
@@ -215,7 +215,7 @@ def run_agreement(model, plan, x_eval, ratios, batch=8, latency=True, number=3, 
     import tvm
 
     import flexiq_tvm as fq
-    from flexiq_tvm.evaluate import _run_float, _time_vm
+    from flexiq_tvm.report.evaluate import _run_float, _time_vm
 
     t0 = time.perf_counter()
     fp32 = fq.compile_float(model, batch)
@@ -274,7 +274,7 @@ def pixel_noise_agreement(model, x_eval: np.ndarray, ref: np.ndarray, batch: int
     noise of NOISE_LEVELS 8-bit levels (invisible, below the PNG's own rounding). Crops whose FP32
     top-1 flips under it cannot be expected to survive INT8 either; no quantizer is measured here."""
     import flexiq_tvm as fq
-    from flexiq_tvm.evaluate import _run_float
+    from flexiq_tvm.report.evaluate import _run_float
 
     rng = np.random.default_rng(seed + 12345)
     noisy = x_eval + rng.normal(0.0, NOISE_LEVELS / 255.0, x_eval.shape).astype(np.float32) / IMAGENET_STD
@@ -372,7 +372,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import flexiq_tvm as fq
-    from flexiq_tvm.images import ImageFolder
+    from flexiq_tvm.calibrate.images import ImageFolder
 
     work = Path(args.work_dir)
     model, _, calib_dir, eval_dir = prepare(work, args)
@@ -380,7 +380,7 @@ def main(argv=None):
     if args.plan:
         plan = fq.Plan.load(args.plan)
         if args.finetune:
-            from flexiq_tvm.finetune import finetune_plan
+            from flexiq_tvm.search.finetune import finetune_plan
 
             plan = finetune_plan(model, plan, ImageFolder(str(calib_dir)), fq.FinetuneConfig(seed=args.seed))
     else:
@@ -409,7 +409,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     if args.plot:
-        from flexiq_tvm.plot import plot_report
+        from flexiq_tvm.report.plot import plot_report
 
         plot_report(report, args.plot, title=f"ImageNet MobileNetV2 (FlexiQ, llvm): agreement with FP32 on "
                     f"{report['samples']} photo crops, search {args.search}")

@@ -6,12 +6,11 @@
     cm = fq.compile(model, plan, target="llvm")
     cm.set_ratio(0.5); y = cm(x)
 """
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .api import compile, compile_float, quantize, tune  # noqa: E402,A001
 from .errors import DataError, FlexiQError, ModelError  # noqa: E402
 from .frontend import FloatModel, load_model  # noqa: E402
-from .finetune import FinetuneConfig  # noqa: E402
+from .search.finetune import FinetuneConfig  # noqa: E402
 from .quant import LayerSpec, Plan, PlanError  # noqa: E402
 from .runtime import CompiledModel, load_artifact  # noqa: E402
 from .transform import get_pipeline  # noqa: E402

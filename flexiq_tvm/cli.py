@@ -63,7 +63,7 @@ def _data_source(path, args):
     """An .npz path as is; a folder of images with the --preprocess spec (or its preprocess.json)."""
     spec = getattr(args, "preprocess", None)
     if os.path.isdir(path):
-        from .images import ImageFolder
+        from .calibrate.images import ImageFolder
 
         return ImageFolder(path, spec)
     if spec is not None:
@@ -77,7 +77,7 @@ def _finetune_config(args):
         if args.epochs is not None or args.lr is not None or args.finetune_method is not None:
             raise SystemExit("flexiq quantize: --epochs / --lr / --finetune-method need --finetune")
         return False
-    from .finetune.config import FinetuneConfig
+    from .search.finetune.config import FinetuneConfig
 
     kw = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("method", args.finetune_method))
           if v is not None}
@@ -151,7 +151,7 @@ def cmd_tune(args):
 
 
 def _eval_and_print(model, plan, data, args):
-    from .evaluate import evaluate, format_report
+    from .report.evaluate import evaluate, format_report
 
     report = evaluate(model, plan, data, ratios=args.ratios, batch_size=args.batch_size,
                       progress=not args.quiet)
@@ -160,7 +160,7 @@ def _eval_and_print(model, plan, data, args):
         _write_json(args.json, report)
         print(f"wrote {args.json}")
     if getattr(args, "plot", None):
-        from .plot import plot_report
+        from .report.plot import plot_report
 
         plot_report(report, args.plot)
         print(f"wrote {args.plot}")
@@ -187,7 +187,7 @@ def cmd_demo(args):
 
 def cmd_report(args):
     from .quant.plan import Plan
-    from .report import format_sensitivity, sensitivity_report
+    from .report.sensitivity import format_sensitivity, sensitivity_report
 
     rep = sensitivity_report(Plan.load(args.plan))
     print(format_sensitivity(rep))
@@ -197,7 +197,7 @@ def cmd_report(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="flexiq", description="FlexiQ adaptive mixed-precision quantization for TVM")
     p.add_argument("--version", action="version", version=f"flexiq-tvm {__version__}")

@@ -6,7 +6,7 @@ import tvm
 
 import flexiq_tvm as fq
 from flexiq_tvm.api import compile_with_taps
-from flexiq_tvm.data import load_data
+from flexiq_tvm.calibrate.data import load_data
 from flexiq_tvm.quant import Plan
 from conftest import assert_taps_bit_exact, counts_grid
 from flexiq_tvm.quant.reference import LayerReference

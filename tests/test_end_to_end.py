@@ -8,7 +8,7 @@ import tvm
 
 import flexiq_tvm as fq
 from flexiq_tvm.api import compile_with_taps
-from flexiq_tvm.data import load_data
+from flexiq_tvm.calibrate.data import load_data
 from flexiq_tvm.quant.reference import LayerReference
 from conftest import GRAPHS, assert_taps_bit_exact, counts_grid
 
@@ -133,7 +133,7 @@ def test_whole_model_against_numpy_reference(demo, demo_paths, graph, tmp_path):
     A pure conv/ReLU graph has no float reductions, so the two agree bit for bit; through the demo's
     global average pool (summation order differs) a code may round differently, so it is compared
     by agreement and a tight tolerance."""
-    from flexiq_tvm.reference_model import build_onnx_reference
+    from flexiq_tvm.report.reference_model import build_onnx_reference
 
     g = graph((4, 9, 9), seed=21)
     g.conv(4, 16, 3, 1, 1)

@@ -20,7 +20,7 @@ ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def demo():
     """The shipped demo CNN, a quick plan (range search, bias correction) and its finetuned copy."""
-    from flexiq_tvm.finetune import FinetuneConfig, finetune_plan
+    from flexiq_tvm.search.finetune import FinetuneConfig, finetune_plan
 
     torch.set_num_threads(1)
     model = fq.load_model(os.path.join(ASSETS, "fashion_cnn.onnx"))
@@ -38,8 +38,8 @@ def test_heldout_loss_tracked_and_lowered_at_half(demo):
     assert set(rep["heldout_before"]) == set(rep["heldout_after"]) == set(plan.levels)
     assert all(b["steps"] >= 1 and set(b["heldout_before"]) == set(plan.levels) for b in rep["blocks"])
     # the distillation loss at ratio 0.5 on the held-out inputs, recomputed independently of the report
-    from flexiq_tvm.finetune.qmodel import QuantModel
-    from flexiq_tvm.finetune.trainer import _split, heldout_kl
+    from flexiq_tvm.search.finetune.qmodel import QuantModel
+    from flexiq_tvm.search.finetune.trainer import _split, heldout_kl
 
     _, hold = _split(calib.shape[0], 0.25, 0)
     x = torch.tensor(calib[hold])
@@ -75,7 +75,7 @@ def test_finetuned_plan_is_an_ordinary_plan(demo, tmp_path):
 
 def test_torch_model_matches_numpy_reference_exactly(demo):
     model, calib, plan, tuned = demo
-    from flexiq_tvm.finetune.qmodel import check_against_reference
+    from flexiq_tvm.search.finetune.qmodel import check_against_reference
 
     res = check_against_reference(model, tuned, calib[:3])
     assert res["checked"] == len(tuned.levels) * tuned.num_layers
@@ -124,7 +124,7 @@ def test_finetune_without_torch_names_the_extra(demo, monkeypatch, tmp_path):
     cm = fq.compile(model, back, batch_size=2)
     cm.set_ratio(0.5)
     y = cm(calib[:2])
-    from flexiq_tvm.reference_model import build_onnx_reference
+    from flexiq_tvm.report.reference_model import build_onnx_reference
 
     no_bias = fq.Plan.loads(back.dumps())
     no_bias.bias_correction = {}
@@ -141,7 +141,7 @@ def test_finetune_config_errors():
     with pytest.raises(ValueError, match="holdout"):
         fq.FinetuneConfig(holdout=1.0)
     with pytest.raises(TypeError, match="finetune must be"):
-        from flexiq_tvm.finetune.config import as_config
+        from flexiq_tvm.search.finetune.config import as_config
 
         as_config("yes")
 

@@ -7,7 +7,7 @@ from onnx.reference import ReferenceEvaluator
 from tvm import relax
 
 import flexiq_tvm as fq
-from flexiq_tvm.calibrate import collect_stats
+from flexiq_tvm.calibrate.stats import collect_stats
 from flexiq_tvm.quant.calibrators import clip_value
 
 

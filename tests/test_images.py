@@ -10,9 +10,9 @@ from PIL import Image  # noqa: E402
 
 import flexiq_tvm as fq  # noqa: E402
 from flexiq_tvm.cli import main as cli_main  # noqa: E402
-from flexiq_tvm.data import load_data  # noqa: E402
+from flexiq_tvm.calibrate.data import load_data  # noqa: E402
 from flexiq_tvm.errors import DataError  # noqa: E402
-from flexiq_tvm.images import ImageFolder, Preprocess, load_image_folder  # noqa: E402
+from flexiq_tvm.calibrate.images import ImageFolder, Preprocess, load_image_folder  # noqa: E402
 
 
 def _save(path, arr):
@@ -137,7 +137,7 @@ def small_image_model(tmp_path_factory):
 
 
 def test_quantize_and_evaluate_from_image_folders(small_image_model):
-    from flexiq_tvm.evaluate import evaluate
+    from flexiq_tvm.report.evaluate import evaluate
 
     path, d = small_image_model
     model = fq.load_model(path)
@@ -182,7 +182,7 @@ def test_cli_image_folders_and_plot(small_image_model, tmp_path, capsys):
 
 def test_plot_without_labels_or_latency(tmp_path):
     pytest.importorskip("matplotlib")
-    from flexiq_tvm.plot import plot_report
+    from flexiq_tvm.report.plot import plot_report
 
     rep = {"model": "m", "samples": 10, "target": "llvm", "group_size": 16, "fp32": {"top1": None},
            "ratios": [{"ratio": r, "mac_ratio": r, "agree_top1": 1 - r / 10, "kl": r} for r in (0, 0.5, 1)]}
@@ -197,7 +197,7 @@ def test_plot_draws_baseline_rows(tmp_path):
     pytest.importorskip("matplotlib")
     import matplotlib.image as mpimg
 
-    from flexiq_tvm.plot import plot_report
+    from flexiq_tvm.report.plot import plot_report
 
     rep = {"model": "m", "samples": 10, "target": "llvm", "group_size": 16, "fp32": {"top1": None},
            "ratios": [{"ratio": r, "mac_ratio": r, "agree_top1": 1 - r / 10, "kl": r} for r in (0, 0.5, 1)],

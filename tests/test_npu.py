@@ -17,7 +17,7 @@ import pytest
 import tvm
 
 import flexiq_tvm as fq
-from flexiq_tvm.data import load_data
+from flexiq_tvm.calibrate.data import load_data
 from flexiq_tvm.quant.reference import LayerReference
 from flexiq_tvm.targets.npu import NPUConfig, NPUConfigError
 from conftest import GRAPHS, assert_taps_bit_exact, counts_grid

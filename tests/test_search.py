@@ -75,8 +75,8 @@ def test_evolutionary_plan_reorders_groups_and_stays_bit_exact(small_model):
 
 def test_evolutionary_no_worse_than_its_seeds(demo_paths):
     """At 0.75 the evolved sets score no worse (output distance from INT8) than range ranking's."""
-    from flexiq_tvm.data import load_data
-    from flexiq_tvm.fitness import OutputDistance
+    from flexiq_tvm.calibrate.data import load_data
+    from flexiq_tvm.search.fitness import OutputDistance
     from flexiq_tvm.quant.search import sets_from_schedule
 
     model = fq.load_model(demo_paths["model"])
@@ -111,7 +111,7 @@ def test_schedule_helpers():
 
 def test_default_search_samples_follow_model_size(small_model):
     from flexiq_tvm.quant import LayerSpec
-    from flexiq_tvm.search import default_search_samples
+    from flexiq_tvm.search.driver import default_search_samples
 
     model, calib = small_model
     assert default_search_samples(model.specs) == 512                     # small model: the cap

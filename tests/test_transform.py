@@ -13,7 +13,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 import flexiq_tvm as fq
 from flexiq_tvm import transform as fqt
-from flexiq_tvm.data import load_data
+from flexiq_tvm.calibrate.data import load_data
 from flexiq_tvm.quant.plan import PlanError
 from conftest import GRAPHS, GraphBuilder
 

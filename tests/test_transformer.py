@@ -168,7 +168,7 @@ def test_dense_on_4d_input(tmp_path, graph):
 @pytest.mark.skipif(not os.path.exists(os.path.join(ASSETS, "fashion_vit.onnx")), reason="ViT asset not built")
 def test_shipped_vit_accuracy_bars():
     """INT8 within 0.5 points of FP32; ratio 0.5 within 1.5 points of INT8 (1000 test images, range search)."""
-    from flexiq_tvm.evaluate import evaluate
+    from flexiq_tvm.report.evaluate import evaluate
 
     model = fq.load_model(os.path.join(ASSETS, "fashion_vit.onnx"))
     assert len(model.layers) == 18 and len(model.act_matmuls) == 8     # embed conv + 4 x (qkv, proj, fc1, fc2) + head

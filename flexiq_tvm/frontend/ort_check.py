@@ -32,7 +32,7 @@ def cache_dir() -> str:
 def _key(imported: ImportedOnnx) -> str:
     import onnxruntime
 
-    from .. import __version__
+    from .._version import __version__
 
     h = hashlib.sha256(imported.proto.SerializeToString())
     h.update(json.dumps([list(imported.sample_shape), imported.strategy, __version__, tvm.__version__,
@@ -55,7 +55,7 @@ def check_against_ort(imported: ImportedOnnx, mod_at, source: str) -> Optional[d
     naming the first output that differs."""
     if not ort_available():
         return None
-    from ..calibrate import build_float
+    from ..calibrate.stats import build_float
 
     path = os.path.join(cache_dir(), "import_checks", _key(imported) + ".json")
     if os.path.exists(path):

@@ -25,12 +25,13 @@ from typing import List
 import tvm
 from tvm import relax
 
+from ..quant.plan import RUNTIME_WEIGHTS_FUNC
 from ..schedules import compute
 from ..schedules.compute import KERNEL_ATTR
 
 __all__ = ["LOWER_WEIGHTS_FUNC", "WEIGHTS_PARAM", "hoist_weight_lowering", "HoistWeightLowering"]
 
-LOWER_WEIGHTS_FUNC = "flexiq_lower_weights"
+LOWER_WEIGHTS_FUNC = RUNTIME_WEIGHTS_FUNC     # the name the run-time contract (quant/plan.py) calls
 WEIGHTS_PARAM = "flexiq_weights"
 
 

@@ -17,12 +17,12 @@ from tvm import relax
 
 from ..errors import DataError, FlexiQError
 from ..quant.atomic import atomic_path
-from ..quant.plan import Plan
+from ..quant.plan import RUNTIME_WEIGHTS_FUNC, Plan
 from ..quant.schedule import check_ratio
 from .quiet import tvm_serialization_logs_filtered
 
 MANIFEST_FUNC = "flexiq_manifest"
-LOWER_WEIGHTS_FUNC = "flexiq_lower_weights"   # passes/hoist_weights.py (kept in sync by a test)
+LOWER_WEIGHTS_FUNC = RUNTIME_WEIGHTS_FUNC     # made by passes/hoist_weights.py on llvm builds
 _WEIGHT_CACHE = 8                             # lowered weight sets kept (one per recent ratio)
 ARTIFACT_FORMAT = "flexiq-artifact"
 ARTIFACT_VERSION = 1

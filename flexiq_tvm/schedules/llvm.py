@@ -293,16 +293,12 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
     if par:
         sch.parallel(outer)
     sch.vectorize(yowi)
-    sch.compute_at(acc, yowo)
+    # preserve_unit_loops: one loop per block var whatever the tile sizes, so the instruction
+    # sequence is the same for every sampled decision (MetaSchedule replays this trace)
+    sch.compute_at(acc, yowo, preserve_unit_loops=True)
     # (acc stays "global" scope: the intrinsic's buffers are global; after compute-at it is a
     # small per-thread tile that CompactBufferAllocation shrinks and LLVM keeps on the stack)
-    # loops compute_at created under the tile loop follow the block's iter vars, unit extents
-    # omitted: identify them by position and extent
-    new = sch.get_loops(acc)[2:]
-    want = [(nm, e) for nm, e in
-            (("owi", owt), ("oi", ob), ("rb", CB), ("rh", KH), ("rw", KW), ("rj", 4)) if e > 1]
-    assert [e for _, e in want] == [_extent(sch, l) for l in new], (want, len(new))
-    L = {nm: l for (nm, _), l in zip(want, new)}
+    L = dict(zip(("n", "oo", "oh", "owi", "oi", "rb", "rh", "rw", "rj"), sch.get_loops(acc)[2:]))
     intrin = None
     if _has_vnni(target) and ob in (8, 16):
         from .x86_intrin import get_intrin
@@ -312,11 +308,9 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
         except RuntimeError:
             intrin = None
     inner = ("oi", "rj") if intrin is not None else ("rj", "oi")
-    order = [L[nm] for nm in ("rb", "rh", "rw", "owi") + inner if nm in L]
+    order = [L[nm] for nm in ("rb", "rh", "rw", "owi") + inner]
     sch.reorder(*order)
     oi = L["oi"]
-    owi = L.get("owi")
-    rw = L.get("rw")
     if intrin is None:  # no VNNI: int32 multiply-adds vectorized over the output channels
         sch.unroll(L["rj"])
         sch.vectorize(oi)  # (before decompose_reduction: needs a complete reduction block)
@@ -324,10 +318,9 @@ def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
     sch.vectorize(sch.get_loops(init)[-1])
     if intrin is not None:
         sch.tensorize(oi, intrin)
-    if owi is not None:
-        sch.unroll(owi)
-    if rw is not None and KW <= 4:
-        sch.unroll(rw)
+    sch.unroll(L["owi"])
+    if KW <= 4:
+        sch.unroll(L["rw"])
 
 
 def _sched_weight_sum(sch):
@@ -370,15 +363,11 @@ def _sched_conv_spatial(sch: s_tir.Schedule, func, target):
     if par:
         sch.parallel(outer)
     _vec_inner(sch, yw, 16)
-    sch.compute_at(acc, outer)
-    loops = [l for l in sch.get_loops(acc)[1:] if _extent(sch, l) > 1]
-    oi, pl, *red = loops                     # (oi, p, rb?, rj)
-    rj = red[-1]
-    rb = red[0] if len(red) == 2 else None
+    sch.compute_at(acc, outer, preserve_unit_loops=True)     # (a trace independent of the tile size)
+    _n, _oo, oi, pl, rb, rj = sch.get_loops(acc)[1:]
     pk, p16 = sch.split(pl, [None, 16])
-    order = [pk] + ([rb] if rb is not None else []) + [oi, p16, rj]
-    sch.reorder(*order)
-    init = sch.decompose_reduction(acc, order[1])
+    sch.reorder(pk, rb, oi, p16, rj)
+    init = sch.decompose_reduction(acc, rb)
     _vec_inner(sch, sch.get_loops(init)[-1], 16)
     sch.tensorize(p16, get_intrin("spatial16", default_target() if target is None else target))
     sch.unroll(oi)
@@ -405,7 +394,7 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
         outer = sch.fuse(n, oo, oh)
         if work >= _PARALLEL_MIN_MACS:
             sch.parallel(outer)
-        sch.reverse_compute_at(y, owo)
+        sch.reverse_compute_at(y, owo, preserve_unit_loops=True)
         # epilogue: loops (o, ow) under owo -> vectorize ow (contiguous in y)
         sch.vectorize(sch.get_loops(y)[-1])
         sch.unroll(owi)
@@ -439,7 +428,7 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
         outer = sch.fuse(n, oo, oh)
         if work >= _PARALLEL_MIN_MACS:
             sch.parallel(outer)
-        sch.reverse_compute_at(y, owo)
+        sch.reverse_compute_at(y, owo, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(y)[-1])
         if KH * KW <= 16:
             sch.unroll(rh)

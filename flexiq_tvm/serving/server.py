@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from .. import __version__
+from .._version import __version__
 from ..errors import DataError, FlexiQError
 from .controller import ControllerError
 from .loop import ServingLoop

@@ -297,7 +297,7 @@ class CUDATarget(FlexiQTarget):
 
     def build_executable(self, model, plan, batch_size: int = 1):
         """Rewrite + lower + build without creating a VM (works on a machine with no GPU)."""
-        from ..api import _as_model, _as_plan
+        from ..runtime.build import _as_model, _as_plan
         from ..passes.flexiq_rewrite import flexiq_rewrite
 
         plan = _as_plan(plan)

@@ -8,7 +8,7 @@
     mod = fqt.FlexiQRewrite(plan, batch_size=1)(mod)              # the plan's layers -> FlexiQ layers
     ex = tvm.compile(mod, target=tgt, relax_pipeline=fq.get_pipeline(tgt))
     vm = relax.VirtualMachine(ex, dev)
-    y = vm["main"](x, *plan.runtime_args(0.5, dev))               # the ratio travels as VM arguments
+    y = vm["main"](x, *plan.runtime_args(0.5, dev, vm=vm))        # the ratio travels as VM arguments
 
 Passes (module passes, opt_level 0, TVM naming):
   FlexiQRewrite(plan, batch_size=1, params=None)   find the plan's layers in any module (constants or
@@ -17,8 +17,10 @@ Passes (module passes, opt_level 0, TVM naming):
   ScheduleFlexiQKernels(target, tuning_db=None)    the target's schedules for the FlexiQ kernels
   get_pipeline(target, tuning_db=None)             ScheduleFlexiQKernels + TVM's default pipeline for the
                                                    target (what fq.compile builds with)
-Run-time contract: `Plan.runtime_args(ratio, device)` / `Plan.runtime_arrays(ratio)`: `counts` (int32,
-per layer) then, for plans with bias corrections, `bias_row` (int32, (1,)).
+Run-time contract: `Plan.runtime_args(ratio, device, vm=vm)` / `Plan.runtime_arrays(ratio)`: `counts`
+(int32, per layer) then, for plans with bias corrections, `bias_row` (int32, (1,)); llvm builds (whose
+pipeline hoists the weight lowering) then take the tuple `vm["flexiq_lower_weights"](counts)` returns,
+which `runtime_args(..., vm=vm)` appends (call it once per ratio change, not per inference).
 """
 from __future__ import annotations
 

@@ -281,7 +281,7 @@ def tune_model(model, plan, target: str = "llvm", trials: int = 64, db=DEFAULT_D
                ratios: Optional[Sequence[float]] = None, batch_size: Optional[int] = None, seed: int = 0,
                rpc_tracker=None, rpc_key: Optional[str] = None, progress: bool = True, **options) -> TuneReport:
     """``flexiq_tvm.tune``: see its docstring in ``api.py``."""
-    from ..api import _as_model, _as_plan, check_plan_model
+    from ..runtime.build import _as_model, _as_plan, check_plan_model
     from ..passes.flexiq_rewrite import flexiq_rewrite
     from ..targets import get_target
 

@@ -14,13 +14,13 @@ import numpy as np
 import tvm
 from tqdm.auto import tqdm
 
-from .quant.plan import Plan
+from ..quant.plan import Plan
 
 
 def recover_bias(model, plan: Plan, inputs: np.ndarray, samples: int = 256, batch_size: int = 64, seed: int = 0,
                  progress: bool = True, target: str = "llvm") -> Plan:
     """Fills `plan.bias_correction` for every level above 0 (in place) and returns the plan."""
-    from .api import compile_with_taps
+    from ..runtime.build import compile_with_taps
 
     t0 = time.perf_counter()
     plan.bias_correction = {}

@@ -14,7 +14,7 @@ def require_torch():
     try:
         import torch
     except ImportError as e:
-        from ..errors import FlexiQError
+        from ...errors import FlexiQError
 
         raise FlexiQError(f"finetuning needs PyTorch, which is not installed: {TORCH_HINT} ({e})") from None
     return torch

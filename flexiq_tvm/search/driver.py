@@ -10,9 +10,9 @@ import time
 import numpy as np
 from tqdm.auto import tqdm
 
-from .quant.plan import Plan
-from .quant.schedule import cumulative_mac_share, level_prefixes
-from .quant.search import (evolutionary_levels, greedy_schedule, measure_curves, schedule_from_levels,
+from ..quant.plan import Plan
+from ..quant.schedule import cumulative_mac_share, level_prefixes
+from ..quant.search import (evolutionary_levels, greedy_schedule, measure_curves, schedule_from_levels,
                            sensitivity_schedule)
 
 SEARCHES = ("range", "sensitivity", "greedy", "evolutionary")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import Dict
 
-from .errors import FlexiQError
+from ..errors import FlexiQError
 
 
 def _metric(report: Dict):
@@ -32,7 +32,7 @@ def plot_report(report: Dict, path, title: str = None) -> str:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise FlexiQError(f"--plot needs matplotlib: pip install 'flexiq-tvm[plot]' ({e})") from None
-    from .quant.atomic import atomic_path
+    from ..quant.atomic import atomic_path
 
     path = os.fspath(path)
     key, ylabel = _metric(report)

@@ -39,7 +39,7 @@ class RelaxTorchGraph:
         import tvm
         from tvm import relax
 
-        from ..frontend.graph import bindings, const_value, is_const, op_name
+        from ...frontend.graph import bindings, const_value, is_const, op_name
 
         self._tvm, self._relax = tvm, relax
         self._is_const, self._const_value, self._op_name = is_const, const_value, op_name
@@ -160,7 +160,7 @@ class RelaxTorchGraph:
         at = call.attrs
         fn = _OPS.get(name)
         if fn is None:
-            raise UnsupportedOp(f"Relax op {name} has no torch implementation in flexiq_tvm.finetune.graph")
+            raise UnsupportedOp(f"Relax op {name} has no torch implementation in flexiq_tvm.search.finetune.graph")
         return fn(a, at, self, call, sym)
 
     # ---- block structure -------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def load_npz(path, input_name: Optional[str] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:

@@ -13,9 +13,9 @@ from typing import List
 
 import numpy as np
 
-from .errors import ModelError
-from .quant.plan import Plan
-from .quant.reference import reference_layers
+from ..errors import ModelError
+from ..quant.plan import Plan
+from ..quant.reference import reference_layers
 
 
 def _const_names(graph):

@@ -5,7 +5,7 @@ from typing import Dict
 
 import numpy as np
 
-from .quant.plan import Plan
+from ..quant.plan import Plan
 
 
 def sensitivity_report(plan: Plan) -> Dict:

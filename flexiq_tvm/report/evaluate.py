@@ -12,9 +12,9 @@ import numpy as np
 import tvm
 from tqdm.auto import tqdm
 
-from .api import _as_model, _as_plan, compile, compile_float
-from .data import load_data
-from .quant.schedule import STANDARD_LEVELS
+from ..runtime.build import _as_model, _as_plan, compile, compile_float
+from ..calibrate.data import load_data
+from ..quant.schedule import STANDARD_LEVELS
 
 
 def _softmax(z):

@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import tvm
 
-from .quant.plan import Plan
+from ..quant.plan import Plan
 
 METRICS = ("mse", "kl")
 
@@ -21,8 +21,8 @@ METRICS = ("mse", "kl")
 class OutputDistance:
     def __init__(self, model, plan: Plan, inputs: np.ndarray, batch_size: int = 64, target: str = "llvm",
                  metric: str = "kl"):
-        from .passes.flexiq_rewrite import flexiq_rewrite
-        from .targets import get_target
+        from ..passes.flexiq_rewrite import flexiq_rewrite
+        from ..targets import get_target
 
         if metric not in METRICS:
             raise ValueError(f"fitness metric must be one of {METRICS}, got {metric!r}")

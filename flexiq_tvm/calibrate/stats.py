@@ -14,11 +14,11 @@ import tvm
 from tvm import relax
 from tqdm.auto import tqdm
 
-from .errors import DataError
-from .frontend.model import FloatModel
-from .passes.tap_outputs import TapOutputs
-from .quant.calibrators import TensorStats
-from .quant.rounding import input_gram
+from ..errors import DataError
+from ..frontend.model import FloatModel
+from ..passes.tap_outputs import TapOutputs
+from ..quant.calibrators import TensorStats
+from ..quant.rounding import input_gram
 
 SAMPLE_PER_BATCH = 4096
 SAMPLE_CAP = 1 << 20
@@ -93,7 +93,7 @@ def collect_stats(model: FloatModel, data: np.ndarray, batch_size: int = 32, see
     data = model.check_inputs(data, what="calibration data")
     if not model.layers:
         return []
-    from .frontend.graph import bindings
+    from ..frontend.graph import bindings
 
     # a graph that pins its batch (or folds only at a known one) runs padded chunks of that batch
     batch_size = model.batch_for(batch_size)

@@ -12,8 +12,8 @@ from typing import Dict
 
 import numpy as np
 
-from ..data import load_data
-from ..quant.plan import Plan
+from ...calibrate.data import load_data
+from ...quant.plan import Plan
 from .config import FinetuneConfig
 from .losses import output_loss
 from .qmodel import QuantModel

@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..quant.bitextract import MAX_SHIFT, four_bit_range
-from ..quant.int8 import WEIGHT_QMAX, activation_qrange, dequant_scale
-from ..quant.plan import Plan
+from ...quant.bitextract import MAX_SHIFT, four_bit_range
+from ...quant.int8 import WEIGHT_QMAX, activation_qrange, dequant_scale
+from ...quant.plan import Plan
 from .graph import RelaxTorchGraph
 
 
@@ -242,7 +242,7 @@ def check_against_reference(model, plan: Plan, x: np.ndarray, levels: Optional[S
     """Per layer and level, the torch model's integer accumulators vs `quant.reference`'s, on the
     float inputs each layer receives in the FP32 model. Returns {"max_abs_diff": int, "checked": n}."""
     torch = _t()
-    from ..quant.reference import reference_layers
+    from ...quant.reference import reference_layers
 
     qm = QuantModel(model, plan)
     refs = reference_layers(model.specs, plan)
