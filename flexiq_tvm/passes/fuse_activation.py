@@ -26,16 +26,19 @@ LAYER_ATTR = "flexiq.layer"
 
 
 def _scalar(e):
-    """A float from a scalar relax constant / PrimValue, else None."""
-    if isinstance(e, tvm.ir.Constant):
-        v = e.value.numpy()
-        return float(v) if v.size == 1 else None
-    if isinstance(e, relax.PrimValue):
-        try:
-            return float(e.value.value)
-        except AttributeError:
-            return None
-    return None
+    """A float from a scalar relax constant or PrimValue (the torch frontend's clip bounds), else None."""
+    if isinstance(e, relax.Var):
+        return None
+    v = getattr(e, "value", None)
+    if v is None:
+        return None
+    if hasattr(v, "numpy"):
+        arr = v.numpy()
+        return float(arr) if arr.size == 1 else None
+    try:
+        return float(v.value if hasattr(v, "value") else v)
+    except (TypeError, ValueError):
+        return None
 
 
 def _bound(call, var):
