@@ -23,6 +23,7 @@ from ..schedules.compute import KERNEL_ATTR, rebuild_kernel
 __all__ = ["fuse_activations"]
 
 LAYER_ATTR = "flexiq.layer"
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
 def _scalar(e):
@@ -114,7 +115,6 @@ def fuse_activations(mod: tvm.IRModule) -> tvm.IRModule:
     # the rewrite's BlockBuilder shares structurally equal kernels between layers, so a fused
     # kernel is a new PrimFunc that only this layer's call points to
     bb = relax.BlockBuilder(mod)
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     for name, bounds in fused.items():
         gv = layer_funcs[name]
         f = mod[gv]
@@ -123,7 +123,7 @@ def fuse_activations(mod: tvm.IRModule) -> tvm.IRModule:
             bs = []
             for b in block.bindings:
                 c = b.value
-                if isinstance(c, relax.Call) and c.op.same_as(call_tir):
+                if isinstance(c, relax.Call) and c.op.same_as(_CALL_TIR):
                     k = mod[c.args[0]]
                     if str(k.attrs.get(KERNEL_ATTR, "")) in ("conv2d_int8", "dense_int8"):
                         kgv = bb.add_func(rebuild_kernel(k, act=bounds), c.args[0].name_hint + "_act")

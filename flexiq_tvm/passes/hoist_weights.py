@@ -33,6 +33,7 @@ __all__ = ["LOWER_WEIGHTS_FUNC", "WEIGHTS_PARAM", "hoist_weight_lowering", "Hois
 
 LOWER_WEIGHTS_FUNC = RUNTIME_WEIGHTS_FUNC     # the name the run-time contract (quant/plan.py) calls
 WEIGHTS_PARAM = "flexiq_weights"
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
 def _kernel_kind(mod, gv):
@@ -48,7 +49,7 @@ def _find_lowering(mod, func):
     for block in func.body.blocks:
         for b in block.bindings:
             v = b.value
-            if not (isinstance(v, relax.Call) and v.op.same_as(tvm.ir.Op.get("relax.call_tir"))):
+            if not (isinstance(v, relax.Call) and v.op.same_as(_CALL_TIR)):
                 continue
             if _kernel_kind(mod, v.args[0]) != "lower_weight":
                 continue
@@ -61,13 +62,14 @@ def _find_lowering(mod, func):
     return found
 
 
-def _replace_binding(func, binding, new_value, new_param):
+def _take_as_param(func, binding, param):
+    """`func` with `binding`'s value replaced by `param`, a new last parameter."""
     blocks = []
     for block in func.body.blocks:
-        bindings = [relax.VarBinding(b.var, new_value) if b.same_as(binding) else b for b in block.bindings]
+        bindings = [relax.VarBinding(b.var, param) if b.same_as(binding) else b for b in block.bindings]
         blocks.append(type(block)(bindings))
     body = relax.SeqExpr(blocks, func.body.body)
-    return relax.Function(list(func.params) + [new_param], body, func.ret_ty, func.is_pure, func.attrs)
+    return relax.Function(list(func.params) + [param], body, func.ret_ty, func.is_pure, func.attrs)
 
 
 @relax.expr_functor.mutator
@@ -133,7 +135,7 @@ def hoist_weight_lowering(mod: tvm.IRModule) -> tvm.IRModule:
 
     for k, (index, gv, f, (binding, call)) in enumerate(layers):
         param = relax.Var("wl", wl_types[k])
-        slots[gv.name_hint] = (bb.add_func(_replace_binding(f, binding, param, param), gv.name_hint), k)
+        slots[gv.name_hint] = (bb.add_func(_take_as_param(f, binding, param), gv.name_hint), k)
     mod = bb.get()
 
     weights = relax.Var(WEIGHTS_PARAM, relax.TupleType(wl_types))
@@ -158,8 +160,3 @@ class HoistWeightLowering:
 
     def transform_module(self, mod, _ctx):
         return hoist_weight_lowering(mod)
-
-
-def has_hoisted_weights(mod: tvm.IRModule) -> bool:
-    return LOWER_WEIGHTS_FUNC in [g.name_hint for g in mod.get_global_vars()]
-

@@ -14,22 +14,15 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from ..schedules.compute import KERNEL_ATTR, rebuild_kernel
+from ..schedules.compute import KERNEL_ATTR, param_shape, rebuild_kernel
 
 __all__ = ["pack_conv_inputs"]
 
-_CALL_TIR = None
-
-
-def _call_tir_op():
-    global _CALL_TIR
-    if _CALL_TIR is None:
-        _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
-    return _CALL_TIR
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 
 def _kernel(mod, call):
-    if isinstance(call, relax.Call) and call.op.same_as(_call_tir_op()):
+    if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
         f = mod[call.args[0]]
         if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
             return f
@@ -50,8 +43,8 @@ def pack_conv_inputs(mod: tvm.IRModule) -> tvm.IRModule:
         if not (isinstance(f, relax.Function) and f.attrs is not None and "flexiq.layer" in f.attrs):
             continue
         bindings = [b for blk in f.body.blocks for b in blk.bindings]
-        qbind = {b.var: b for b in bindings if _kernel(mod, b.value) is not None
-                 and str(_kernel(mod, b.value).attrs[KERNEL_ATTR]) == "quantize_act"}
+        qbind = {b.var: b for b in bindings
+                 if str(getattr(_kernel(mod, b.value), "attrs", {}).get(KERNEL_ATTR, "")) == "quantize_act"}
         new_blocks, touched = [], False
         for blk in f.body.blocks:
             out = []
@@ -68,8 +61,8 @@ def pack_conv_inputs(mod: tvm.IRModule) -> tvm.IRModule:
                 qk = bb.add_func(rebuild_kernel(qf, pack4=(groups, C // groups)), qb.value.args[0].name_hint + "_packed")
                 ck = bb.add_func(rebuild_kernel(kf, packed_input=True, spatial_lanes=_spatial_ok(kf)),
                                  b.value.args[0].name_hint + "_packed")
-                pshape = [int(v) for v in _param_shape(bb.get()[ck], 0)]
-                wshape = [int(v) for v in _param_shape(bb.get()[qk], 4)]
+                pshape = param_shape(bb.get()[ck], 0)
+                wshape = param_shape(bb.get()[qk], 4)
                 words = relax.DataflowVar("q_packed", relax.TensorType(wshape, "uint32"))
                 qcall = relax.call_tir(qk, list(qb.value.args[1].fields), relax.TensorType(wshape, "uint32"))
                 view = relax.DataflowVar("q_bytes", relax.TensorType(pshape, "uint8"))
@@ -92,18 +85,10 @@ def pack_conv_inputs(mod: tvm.IRModule) -> tvm.IRModule:
         relax.transform.Normalize()(bb.get()))
 
 
-def _param_shape(func, i):
-    p = func.params[i]
-    b = func.buffer_map[p] if hasattr(func, "buffer_map") else p
-    return b.shape
-
-
 def _spatial_ok(kf) -> bool:
     """A 1x1 stride-1 unpadded single-group conv whose output plane is a multiple of 16
     positions: the accumulator can run along the positions (compute.conv2d_int8 spatial_lanes)."""
-    xs = [int(v) for v in _param_shape(kf, 0)]
-    wl = [int(v) for v in _param_shape(kf, 1)]
-    ys = [int(v) for v in _param_shape(kf, len(kf.params) - 1)]
+    xs, wl, ys = param_shape(kf, 0), param_shape(kf, 1), param_shape(kf, len(kf.params) - 1)
     a = kf.attrs
     return (int(a["flexiq.groups"]) == 1 and wl[2] == wl[3] == 1 and [int(v) for v in a["flexiq.strides"]] == [1, 1]
             and xs[2:4] == ys[2:4] and (ys[2] * ys[3]) % 16 == 0)

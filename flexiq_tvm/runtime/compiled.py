@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -134,8 +135,6 @@ class CompiledModel:
         key = self.counts.tobytes()
         w = self._weights.pop(key, None)
         if w is None:
-            import time
-
             t0 = time.perf_counter()
             w = self._lower_weights(self._counts_tensor)
             self.last_lowering_s = time.perf_counter() - t0

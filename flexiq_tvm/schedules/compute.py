@@ -742,7 +742,8 @@ def dense_int8(
 
 
 # --------------------------------------------------------------------------- variants
-def _param_shape(func, i):
+def param_shape(func, i):
+    """The shape of a PrimFunc's i-th buffer parameter, as ints."""
     p = func.params[i]
     b = func.buffer_map[p] if hasattr(func, "buffer_map") else p
     return [int(v) for v in b.shape]
@@ -767,11 +768,11 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
         common = dict(unsigned=bool(a["flexiq.unsigned"]), out=str(opt("out", "float")), ob=int(a["flexiq.ob"]),
                       exact_epilogue=bool(opt("exact_epilogue", True)), act=act)
     if kind == "conv2d_int8":
-        xs, wl = _param_shape(func, 0), _param_shape(func, 1)
+        xs, wl = param_shape(func, 0), param_shape(func, 1)
         groups = int(a["flexiq.groups"])
         packed = bool(opt("packed_input", False))
         if packed:   # the logical input shape is not the packed one: the output and attrs hold it
-            ys = _param_shape(func, len(func.params) - 1)
+            ys = param_shape(func, len(func.params) - 1)
             xs = [xs[0], int(a["flexiq.in_channels"])] + (ys[2:] if len(xs) == 4 else xs[2:4])
         w_shape = (wl[0] * wl[-2 if str(a["flexiq.layout"]) == "OIHWo4i" else -1], xs[1] // groups, wl[2], wl[3])
         args = dict(common, strides=[int(v) for v in opt("strides", [1, 1])],
@@ -781,7 +782,7 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
         args.update(overrides)
         new = conv2d_int8(xs, w_shape, **args)
     elif kind == "dense_int8":
-        xs, wl = _param_shape(func, 0), _param_shape(func, 1)
+        xs, wl = param_shape(func, 0), param_shape(func, 1)
         args = dict(common)
         args.update(overrides)
         new = dense_int8(xs, (wl[0] * wl[2], wl[1]), **args)
@@ -791,7 +792,7 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
                     num_layers=int(a["flexiq.num_layers"]), dynamic=bool(a["flexiq.dynamic"]),
                     n_groups=int(a["flexiq.n_groups"]) if "flexiq.n_groups" in a else None)
         args.update(overrides)
-        new = quantize_act(_param_shape(func, 0), 1, **args)
+        new = quantize_act(param_shape(func, 0), 1, **args)
     else:
         raise ValueError(f"rebuild_kernel: {kind} kernels ({a.get('flexiq.layout')}) have no variants")
     for k, v in a.items():
