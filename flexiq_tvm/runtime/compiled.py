@@ -53,6 +53,7 @@ class CompiledModel:
         # function `flexiq_lower_weights(counts)` when the ratio changes, and kept per counts
         self._lower_weights = None
         self._weights = {}                # counts bytes -> lowered weight tuple (insertion = LRU order)
+        self._live_weights = None         # the tuple for the current counts (None: look it up at the next call)
         self.last_lowering_s = 0.0        # seconds the last weight lowering took (0: cached)
         self.ratio = None
         self.set_ratio(0.0)
@@ -87,6 +88,7 @@ class CompiledModel:
             hit[2] = tvm.runtime.tensor(hit[0], self.device)
         self.counts, self._row_index, self._counts_tensor = hit
         self.ratio = ratio
+        self._live_weights = None
         self._lower_now()
 
     def set_counts(self, counts) -> None:
@@ -95,6 +97,7 @@ class CompiledModel:
         self._counts_tensor = None
         self._row_index = 0 if self.plan.bias_correction else None    # no correction off-level
         self.ratio = self.plan.mac_ratio(self.counts)
+        self._live_weights = None
         self._lower_now()
 
     def _lower_now(self) -> None:
@@ -119,7 +122,8 @@ class CompiledModel:
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def runtime_args(self) -> list:
-        """The run-time arguments of `main` after the input: counts (and the bias-table row)."""
+        """The run-time arguments of `main` after the input: counts, the bias-table row (plans with
+        bias corrections) and the lowered weights (llvm artifacts)."""
         self.vm                           # the device exists from here on
         if self._counts_tensor is None:
             self._counts_tensor = tvm.runtime.tensor(self.counts, self.device)
@@ -127,7 +131,9 @@ class CompiledModel:
         if self._row_index is not None:
             args.append(self._bias_rows[self._row_index])
         if self._lower_weights is not None:
-            args.append(self._lowered_weights())
+            if self._live_weights is None:        # once per ratio change, not per inference
+                self._live_weights = self._lowered_weights()
+            args.append(self._live_weights)
         return args
 
     def _lowered_weights(self):
