@@ -68,6 +68,8 @@ def test_prepared_module_structure(mobile):
     lower_fn = mod[LOWER_WEIGHTS_FUNC]
     assert len(lower_fn.ret_ty.fields) == plan.num_layers
     assert main.params[-1].name == "flexiq_weights"
+    # the layer functions are inlined: main calls the kernels itself (one VM frame per call)
+    assert not any(gv.name_hint.startswith("flexiq_layer_") for gv in mod.get_global_vars())
     for gv, f in mod.functions_items():
         if isinstance(f, relax.Function) and gv.name_hint != LOWER_WEIGHTS_FUNC:
             called = [mod[b.value.args[0]] for blk in f.body.blocks for b in blk.bindings
@@ -77,7 +79,8 @@ def test_prepared_module_structure(mobile):
 
 def test_deploy_build_bit_exact_with_plain_build(mobile):
     model, plan = mobile
-    plain = fq.compile(model, plan, batch_size=2, hoist_weights=False, fuse_activations=False)
+    plain = fq.compile(model, plan, batch_size=2, hoist_weights=False, fuse_activations=False,
+                       kernel_variants=False, inline_layers=False)
     deploy = fq.compile(model, plan, batch_size=2)
     x = np.random.default_rng(5).standard_normal((5, 3, 32, 32)).astype(np.float32) * 2
     for r in (0.0, 0.25, 0.5, 1.0):

@@ -6,6 +6,7 @@ reduction per layer over strict-subset operands; the ratio changes accuracy, not
 from __future__ import annotations
 
 import tvm
+from tvm import relax
 
 from ..passes.fuse_activation import fuse_activations
 from ..passes.hoist_weights import hoist_weight_lowering
@@ -47,7 +48,7 @@ class LLVMTarget(FlexiQTarget):
     name = "llvm"
 
     def __init__(self, tvm_target=None, schedule: bool = True, hoist_weights: bool = True,
-                 fuse_activations: bool = True, kernel_variants: bool = True):
+                 fuse_activations: bool = True, kernel_variants: bool = True, inline_layers: bool = True):
         super().__init__(tvm_target or host_target())
         self.schedule = schedule
         # deployment builds lower the weights once per ratio change (`flexiq_lower_weights`) and
@@ -57,18 +58,24 @@ class LLVMTarget(FlexiQTarget):
         self.fuse_activations = fuse_activations
         # packed quantize -> VNNI conv, spatial-lane 1x1 convs, full-row strided depthwise
         self.kernel_variants = kernel_variants
+        # the per-layer Relax functions inlined into `main`: one VM frame instead of one call per
+        # layer with its argument checks, and one memory plan over the whole graph
+        self.inline_layers = inline_layers
 
     def prepare(self, mod: tvm.IRModule) -> tvm.IRModule:
         """Target-specific Relax rewrites before the kernels are scheduled: strided depthwise
         kernels in their vectorizable form, the VNNI convs' inputs written packed by the
         quantize kernels (`passes.pack_conv_input`), activations folded into the epilogues
         (`passes.fuse_activation`), the weight lowering moved out of the per-call path
-        (`passes.hoist_weights`). Each keeps the integers, so the artifact stays bit-exact."""
+        (`passes.hoist_weights`), then the layer functions inlined into `main`. Each keeps the
+        integers, so the artifact stays bit-exact."""
         if self.kernel_variants:
             mod = pack_conv_inputs(full_row_depthwise(mod))
         if self.fuse_activations:
             mod = fuse_activations(mod)
-        return hoist_weight_lowering(mod) if self.hoist_weights else mod
+        if self.hoist_weights:
+            mod = hoist_weight_lowering(mod)
+        return relax.transform.InlinePrivateFunctions()(mod) if self.inline_layers else mod
 
     def pipeline(self, tuning_db=None) -> tvm.transform.Pass:
         target = self
