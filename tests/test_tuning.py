@@ -111,6 +111,44 @@ def test_missing_records_one_warning(tiny, tuned):
     assert np.array_equal(cm(x), ref(x))
 
 
+def test_record_that_does_not_replay_is_left_out(tiny, tuned, tmp_path):
+    """MetaSchedule opens a JSON database by replaying every record and fails as a whole on one bad
+    record (TVM 0.27 wrote such records for a float mean reduction of MobileNetV2): the loader
+    leaves that record out with one warning, the build still applies the others, and `repair`
+    rewrites the file so that MetaSchedule itself opens it again."""
+    import shutil
+
+    from tvm.s_tir import meta_schedule as ms
+
+    from flexiq_tvm.targets.llvm import host_target
+    from flexiq_tvm.tuning.database import TuningDB
+
+    db = str(tmp_path / "db")
+    shutil.copytree(tuned["db"], db)
+    sub, recs = _records(db)
+    path = os.path.join(db, sub, "database_tuning_record.json")
+    idx, rec = recs[0]
+    broken = [idx, [[[["GetSBlock", [], ["no_such_block", "main"], ["b0"]]], []]] + rec[1:]]
+    with open(path, "a") as f:
+        f.write(json.dumps(broken) + "\n")
+    with pytest.raises(Exception):
+        ms.database.JSONDatabase(work_dir=os.path.join(db, sub), module_equality="structural")
+    x = np.random.default_rng(4).standard_normal((1,) + tiny["shape"]).astype(np.float32)
+    with warnings.catch_warnings(record=True) as rec_w:
+        warnings.simplefilter("always")
+        cm = fq.compile(tiny["model"], tiny["plan"], tuning_db=db)
+    left_out = [str(w.message) for w in rec_w if "no longer replays" in str(w.message)]
+    assert len(left_out) == 1 and "1 record(s)" in left_out[0], left_out
+    ref = fq.compile(tiny["model"], tiny["plan"])
+    cm.set_ratio(0.5), ref.set_ratio(0.5)
+    assert np.array_equal(cm(x), ref(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert TuningDB(db, host_target()).repair() == 1
+    assert len(_records(db)[1]) == len(recs)
+    ms.database.JSONDatabase(work_dir=os.path.join(db, sub), module_equality="structural")
+
+
 def test_tune_errors(tiny, tmp_path):
     model, plan = tiny["model"], tiny["plan"]
     with pytest.raises(ValueError, match="unknown tuning target"):

@@ -18,7 +18,9 @@ import json
 import os
 import re
 import tempfile
-from typing import Dict, Optional
+import warnings
+from collections import Counter
+from typing import Dict, List, Optional, Tuple
 
 import tvm
 
@@ -81,8 +83,8 @@ def register_intrinsics(target) -> None:
     try:
         from ..schedules import x86_intrin
 
-        for lanes in (16, 8):
-            x86_intrin.get_intrin(lanes, target)
+        for kind in (16, 8, "spatial16"):
+            x86_intrin.get_intrin(kind, target)
     except Exception:  # noqa: BLE001  no VNNI here: no record can use it either
         pass
 
@@ -111,24 +113,76 @@ class TuningDB:
             from tvm.s_tir import meta_schedule as ms
 
             register_intrinsics(self.target)
-            self._json = ms.database.JSONDatabase(work_dir=self.dir, module_equality="structural")
+            try:
+                self._json = ms.database.JSONDatabase(work_dir=self.dir, module_equality="structural")
+            except Exception:  # noqa: BLE001  a record that no longer replays: drop it, load the rest
+                self.repair()
+                self._json = ms.database.JSONDatabase(work_dir=self.dir, module_equality="structural")
         return self._json
 
     def memory_copy(self):
         """The records in a MemoryDatabase: queries there (which commit the queried workload)
-        leave the files on disk as they are."""
+        leave the files on disk as they are. Records whose trace no longer replays are left out
+        (with one warning), so one bad record never costs the others."""
         from tvm.s_tir import meta_schedule as ms
 
         mem = ms.database.MemoryDatabase(module_equality="structural")
         if not self.exists:
             return mem
         register_intrinsics(self.target)
-        src = ms.database.JSONDatabase(work_dir=self.dir, allow_missing=False, module_equality="structural")
-        for rec in src.get_all_tuning_records():
-            wl = mem.commit_workload(rec.workload.mod)
-            mem.commit_tuning_record(ms.database.TuningRecord(rec.trace, wl, rec.run_secs, rec.target,
-                                                              rec.args_info))
+        for wl, rec in self._replayable_records()[0]:
+            w = mem.commit_workload(wl.mod)
+            mem.commit_tuning_record(ms.database.TuningRecord(rec.trace, w, rec.run_secs, rec.target, rec.args_info))
         return mem
+
+    def repair(self) -> int:
+        """Rewrite the record file without the records whose trace no longer replays on its
+        workload (atomically); returns how many were dropped. Why: MetaSchedule's JSONDatabase
+        replays every record when it opens and fails as a whole on the first bad one (seen with
+        TVM 0.27: a default-space trace of a float mean reduction, `GetLoops` 4 vs 3 outputs on
+        replay), which would lock the user out of a database that took minutes to build."""
+        register_intrinsics(self.target)
+        _good, bad_lines = self._replayable_records()
+        if not bad_lines:
+            return 0
+        path = os.path.join(self.dir, "database_tuning_record.json")
+        with open(path) as f:
+            lines = [ln for i, ln in enumerate(f) if ln.strip() and i not in bad_lines]
+        atomic_write_bytes(path, "".join(lines).encode())
+        return len(bad_lines)
+
+    def _replayable_records(self) -> Tuple[List[tuple], set]:
+        """((workload, record) that replay, line numbers of the record file that do not); warns
+        once, naming the kernels whose records were dropped."""
+        from tvm.s_tir import Schedule
+        from tvm.s_tir import meta_schedule as ms
+
+        with open(os.path.join(self.dir, "database_workload.json")) as f:
+            wl_json = [json.loads(ln) for ln in f if ln.strip()]
+        workloads, good, bad, dropped = {}, [], set(), Counter()
+        with open(os.path.join(self.dir, "database_tuning_record.json")) as f:
+            for i, ln in enumerate(f):
+                if not ln.strip():
+                    continue
+                name = "?"
+                try:
+                    idx, rec_json = json.loads(ln)
+                    if idx not in workloads:
+                        workloads[idx] = ms.database.Workload.from_json(wl_json[idx])
+                    wl = workloads[idx]
+                    name = _kernel_name(wl.mod)
+                    rec = ms.database.TuningRecord.from_json(rec_json, wl)
+                    rec.trace.apply_to_schedule(Schedule(wl.mod), remove_postproc=False)
+                except Exception:  # noqa: BLE001  (malformed line or a trace that fails to replay)
+                    bad.add(i)
+                    dropped[name] += 1
+                    continue
+                good.append((wl, rec))
+        if bad:
+            warnings.warn(f"tuning database {self.dir}: {len(bad)} record(s) left out because their schedule "
+                          f"no longer replays ({', '.join(f'{k} x{v}' for k, v in sorted(dropped.items()))}); "
+                          "those kernels use their other records or today's schedule", stacklevel=3)
+        return good, bad
 
     # ---- the ledger: trials spent per workload -----------------------------------------------
     def load_ledger(self) -> Dict[str, dict]:
@@ -147,6 +201,15 @@ class TuningDB:
     def save_ledger(self, ledger: Dict[str, dict]) -> None:
         data = {"version": LEDGER_VERSION, "target": str(self.target), "workloads": ledger}
         atomic_write_bytes(self.ledger_path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def _kernel_name(mod: tvm.IRModule) -> str:
+    """A readable name for a workload in messages: its FlexiQ kernel kind, else its blocks' op."""
+    f = mod["main"]
+    if f.attrs is not None and "flexiq.kernel" in f.attrs:
+        return str(f.attrs["flexiq.kernel"])
+    params = [str(p.name) for p in f.params]
+    return "kernel(" + ", ".join(params) + ")"
 
 
 def best_record(db, mod: tvm.IRModule, target) -> Optional[object]:

@@ -266,6 +266,8 @@ def tune_module(mod, flexiq_target, db_dir: str, trials: int, *, model_name: str
                 res.note = f"search stopped ({errors[i][:80]}); default decisions measured"
         tdb.save_ledger(ledger)
         report.trials = int(sum(bar.trials)) + len(fixed) + len(baselines)
+        # what MetaSchedule wrote must open again: records that do not replay leave the file
+        tdb.repair()
 
     mem = tdb.memory_copy() if tdb.exists else None
     for task in tasks:
