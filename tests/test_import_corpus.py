@@ -305,13 +305,17 @@ def ocr_models():
 @pytest.mark.parametrize("which,shape", [("cls", (3, 48, 192)), ("rec", (3, 48, 160))])
 def test_ppocr_imports_and_quantizes(ocr_models, which, shape):
     """PP-OCR's orientation classifier and PP-OCRv4's recognizer (dynamic H/W, shape subgraphs that
-    TVM 0.27 cannot import as they are): import (checked against ONNX Runtime), quantize; the
-    classifier also compiles and runs (the recognizer's build is in benchmarks/import_corpus.py)."""
+    TVM 0.27 cannot import as they are): import (checked against ONNX Runtime); the classifier is
+    also quantized, compiled and run (the recognizer's quantization and build are in
+    benchmarks/import_corpus.py: a minute of calibration on 2 cores)."""
     path = os.path.join(ocr_models, corpus.PPOCR_MODELS[which][0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = fq.load_model(path, input_shape=shape)
         assert model.import_check is not None and model.fixed_batch is None
+        assert len(model.layers) > 40
+        if which == "rec":
+            return
         x = np.random.default_rng(8).uniform(-1, 1, (8,) + shape).astype(np.float32)
         plan = quick_plan(model, x)
     assert plan.num_layers > 40 and plan.meta["input_shape"] == list(shape)

@@ -81,10 +81,10 @@ def test_evolutionary_no_worse_than_its_seeds(demo_paths):
 
     model = fq.load_model(demo_paths["model"])
     x, _ = load_data(demo_paths["calib"], model)
-    common = dict(group_size=8, search_samples=128, seed=0, recover=False, progress=False)
+    common = dict(group_size=8, search_samples=64, seed=0, recover=False, progress=False)
     rng_plan = fq.quantize(model, x, search="range", **common)
     evo_plan = fq.quantize(model, x, search="evolutionary", generations=8, **common)
-    pick = np.sort(np.random.default_rng(0).choice(x.shape[0], size=128, replace=False))
+    pick = np.sort(np.random.default_rng(0).choice(x.shape[0], size=256, replace=False))
     fit = OutputDistance(model, rng_plan, x[pick])
     r_sets = sets_from_schedule(rng_plan.schedule, rng_plan.levels[0.75], rng_plan.num_layers)
     # express the evolved 0.75 set in the range plan's group ids

@@ -9,11 +9,13 @@ MACs, reached through TVM's BYOC flow and executed by a bit-exact, cycle-countin
     stats.py      decoding of the per-layer cycle table behind `CompiledModel.npu_stats()`
     tune.py       mapping tuning per layer and ratio level (simulator cycles, XGBoost ranker)
     records.py    the tuning records (`<db_dir>/npu/records.json`) that `build(mod, tuning_db)` applies
+    vecops.py     which transformer operators (layer norm, softmax, GELU, attention matmuls, reshapes)
+                  the vector unit takes, bit-exact with the host kernels
 
 The NPU takes the FlexiQ layers (with a fused ReLU / ReLU6, per-ratio bias rows and dynamic
-extraction), the residual adds between them and global average pools (vector unit); whatever it
-does not take (other pooling, reshapes, attention, layers that do not fit) is built for the host
-(llvm) in the same artifact.
+extraction), the residual adds between them, global average pools and a transformer's token
+operators (vector unit); weights that fit the WBUF stay there between calls. Whatever it does not
+take (other pooling, layers that do not fit, ...) is built for the host (llvm) in the same artifact.
 """
 from __future__ import annotations
 

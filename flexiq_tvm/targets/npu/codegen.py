@@ -114,6 +114,7 @@ class NPULayer:
     fadd: List[int] = field(default_factory=list)   # float copies for residual adds: add * 2 + operand
     fadd_off: int = 0                # of which go through DRAM (ABUF full)
     spill: str = ""                  # why the layer does not run from SRAM alone (empty: it does)
+    resident: bool = False           # the model's weights stay in the WBUF between calls: no LDW traffic
 
     @property
     def depthwise(self):
@@ -160,7 +161,7 @@ class NPULayer:
                             PB=self.PB, PR=self.PR, groups=self.groups, dense=self.op == "dense")
 
 
-@dataclass
+@dataclass(eq=False)          # identity: two operators of one shape are distinct program entries
 class NPUAdd:
     """A residual add `a + b` of two float32 tensors on the vector unit. Its operands are float
     copies written by their producers (layers or adds; in the ABUF when they fit) or host inputs.
@@ -179,10 +180,38 @@ class NPUAdd:
     fadd_off: int = 0
     req_off: int = 0
     pool: int = 0                                      # > 0: global average pool over `pool` positions
+    # token-tensor operators (kind > 0, section 4.3): VEC_KINDS; operand k is a producer's float copy,
+    # a host input or a constant (consts[k]); params: layer norm gamma + beta
+    kind: int = 0
+    n_op: List[int] = field(default_factory=lambda: [0, 0])
+    consts: List[Optional[np.ndarray]] = field(default_factory=lambda: [None, None])
+    params: Optional[np.ndarray] = None
+    s: float = 0.0
+    d: List[int] = field(default_factory=list)
+    g: List[int] = field(default_factory=list)
+    g0: int = 0
+    op_name: str = ""
+    chain: bool = False              # chained into the pass of the operator before it (section 4.3)
 
     @property
     def n_in(self):
         return self.n * max(self.pool, 1)
+
+    def operand_elems(self, k: int) -> int:
+        """Elements of operand k (0 when the operator has no such tensor operand)."""
+        if self.kind:
+            return int(self.n_op[k])
+        if self.pool:
+            return self.n_in if k == 0 else 0
+        return self.n
+
+    def uses_slot(self, k: int) -> bool:
+        """Operand k is a tensor read from a producer's copy or a host input (not a constant)."""
+        return self.operand_elems(k) > 0 and (self.kind == 0 or self.consts[k] is None)
+
+
+VEC_KINDS = {"copy": 1, "add": 2, "mul": 3, "adds": 4, "muls": 5, "divs": 6, "erf": 7, "layer_norm": 8,
+             "softmax": 9, "matmul": 10, "gather": 11, "concat": 12}
 
 
 # This wheel has no Python TIR visitor (no tirx.stmt_functor), so the few numbers the codegen needs
@@ -559,6 +588,10 @@ def estimate_cycles(L: NPULayer, cfg: NPUConfig, code: List[List[int]], k4: int)
             end = max(end, dma)
         elif op == OP["LDW"]:
             b, gi, o0, ol, j0, jl = row[2:8]
+            if L.resident:                     # weights resident in the WBUF: no DMA
+                wr[b] = 0
+                wm[b] = (gi, o0, ol, j0, jl)
+                continue
             by = ol * jl * KK
             s = max(dma, wf[b])
             dma = wr[b] = s + cfg.dma_setup_cycles + -(-by // cfg.dma_bytes_per_cycle)
@@ -692,6 +725,34 @@ class Program:
     counts_param: int
     bias_param: int = -1
     adds: List[NPUAdd] = field(default_factory=list)
+    resident: bool = False           # weights (and operator constants) stay in SRAM between calls
+
+    def weight_load_cycles(self, cfg: NPUConfig) -> int:
+        """DMA cycles of loading every weight tile and operator constant once (program load)."""
+        sizes = [int(L.weight.size) for L in self.layers]
+        for A in self.adds:
+            sizes += [4 * c.size for c in A.consts if c is not None]
+            if A.params is not None:
+                sizes.append(4 * A.params.size)
+        return sum(cfg.dma_setup_cycles + -(-b // cfg.dma_bytes_per_cycle) for b in sizes if b)
+
+
+CHAINABLE = {VEC_KINDS[k] for k in ("copy", "add", "mul", "adds", "muls", "divs", "erf")}
+
+
+def mark_chains(nodes, adds) -> None:
+    """Vector chaining (docs/npu.md section 4.3): an elementwise operator whose operand is the
+    result of the operator just before it in the program, when that result has no other use (no
+    INT8 copy, no host output, one float consumer), takes its input from the pipeline instead of
+    the ABUF and runs as another stage of the same pass."""
+    for i in range(1, len(nodes)):
+        x, p = nodes[i], nodes[i - 1]
+        if not (isinstance(x, NPUAdd) and x.kind in CHAINABLE and isinstance(p, NPUAdd) and p.kind > 0):
+            continue
+        ai = adds.index(x)
+        if p.req or p.out_index >= 0 or len(p.fadd) != 1 or p.fadd[0] // 2 != ai:
+            continue
+        x.chain = True
 
 
 def allocate_abuf(nodes, cfg: NPUConfig) -> None:
@@ -720,12 +781,14 @@ def allocate_abuf(nodes, cfg: NPUConfig) -> None:
                 used[p:i + 1] += size
         else:
             ai = adds.index(x)
-            for k in range(1 if x.pool else 2):
+            for k in range(2):
+                if not x.uses_slot(k):
+                    continue
                 if x.in_param[k] >= 0:
                     x.onchip[k] = False                 # read from the host tensor in DRAM
                     continue
                 p = producer.get(("A", 2 * ai + k), i)
-                size = 4 * x.n_in
+                size = 4 * x.operand_elems(k)
                 x.onchip[k] = bool(used[p:i + 1].max() + size <= cfg.abuf_bytes)
                 if x.onchip[k]:
                     used[p:i + 1] += size
@@ -803,6 +866,8 @@ def choose_mappings(L: NPULayer, li: int, cfg: NPUConfig, levels_k: List[int], r
 
 def _composite_kind(comp: relax.Function) -> str:
     name = str(comp.attrs["Composite"]) if comp.attrs is not None and "Composite" in comp.attrs else ""
+    if ".vec_" in name:
+        return "vec"
     if name.endswith(".pool") or name.endswith(".pool_flat"):
         return "pool"
     return "add" if name.endswith(".add") or name.endswith(".add_relu") else "layer"
@@ -823,6 +888,34 @@ def _add_activation(comp: relax.Function, A: "NPUAdd") -> None:
                     A.act_lo = lo
                 if v.op.name in ("relax.clip", "relax.minimum"):
                     A.act_hi = hi
+
+
+def _vec_node(comp: relax.Function, outer_args, alias) -> Tuple["NPUAdd", list]:
+    """A token-tensor operator (vecops.py) from its composite: the NPUAdd and its tensor inputs as
+    (operand slot, expr of the external function)."""
+    from .vecops import vec_spec
+
+    pmap = dict(zip(comp.params, outer_args))
+    call = None
+    for block in comp.body.blocks:
+        for b in block.bindings:
+            if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op):
+                call = b.value
+
+    def res(e):
+        if isinstance(e, relax.Var) and e in pmap:
+            return pmap[e]
+        if isinstance(e, relax.Tuple):
+            return relax.Tuple([res(f) for f in e.fields])
+        return e
+
+    spec = vec_spec(call, [res(a) for a in call.args], _shape(call.ty))
+    A = NPUAdd(n=int(spec["n"]), shape=_shape(call.ty), kind=VEC_KINDS[spec["kind"]], n_op=list(spec["n_op"]),
+               consts=list(spec.get("consts", [None, None])), params=spec.get("params"),
+               s=float(spec.get("s", 0.0)), d=[int(v) for v in spec.get("d", [])],
+               g=[int(v) for v in spec.get("g", [])], g0=int(spec.get("g0", 0)), op_name=call.op.name,
+               onchip=[True, True])
+    return A, [(k, alias.get(e, e)) for k, e in spec["inputs"]]
 
 
 def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels=None, records=None,
@@ -846,13 +939,20 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
                 continue
             if isinstance(v, relax.Call) and isinstance(v.op, relax.Var) and v.op in local_funcs:
                 comp = local_funcs[v.op]
+                if _composite_kind(comp) == "vec":
+                    A, ins = _vec_node(comp, v.args, alias)
+                    var_node[b.var] = ("A", len(adds))
+                    adds.append(A)
+                    nodes.append(A)
+                    node_inputs.append(ins)
+                    continue
                 if _composite_kind(comp) == "pool":
                     N, C, H, W = (int(d) for d in v.args[0].ty.shape.values)
                     A = NPUAdd(n=N * C, shape=(N, C), pool=H * W, onchip=[True, True])
                     var_node[b.var] = ("A", len(adds))
                     adds.append(A)
                     nodes.append(A)
-                    node_inputs.append([alias.get(v.args[0], v.args[0])])
+                    node_inputs.append([(0, alias.get(v.args[0], v.args[0]))])
                     continue
                 if _composite_kind(comp) == "add":
                     shape = tuple(int(d) for d in v.args[0].ty.shape.values)
@@ -861,7 +961,7 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
                     var_node[b.var] = ("A", len(adds))
                     adds.append(A)
                     nodes.append(A)
-                    node_inputs.append([alias.get(e, e) for e in v.args])
+                    node_inputs.append([(k, alias.get(e, e)) for k, e in enumerate(v.args)])
                     continue
                 arg_of_param = dict(zip(comp.params, v.args))
                 L, x_expr, c_expr, b_expr = extract_layer(comp, arg_of_param, prims)
@@ -879,7 +979,7 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
                 L.name = f"layer{L.layer}"
                 layers.append(L)
                 nodes.append(L)
-                node_inputs.append([x_expr])
+                node_inputs.append([(0, x_expr)])
                 continue
             if isinstance(v, relax.Var):
                 alias[b.var] = alias.get(v, v)
@@ -893,8 +993,9 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
         return layers[i] if k == "L" else adds[i]
 
     for x, ins in zip(nodes, node_inputs):
-        for k, e in enumerate(ins):
-            what = f"layer {x.layer}" if isinstance(x, NPULayer) else ("a global pool" if x.pool else "a residual add")
+        for k, e in ins:
+            what = f"layer {x.layer}" if isinstance(x, NPULayer) else \
+                ("a global pool" if x.pool else (x.op_name or "a residual add"))
             if e in pidx:
                 if isinstance(x, NPULayer):
                     x.in_param = pidx[e]
@@ -922,6 +1023,10 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
         if len(x.req) > MAX_REQ or len(x.fadd) > MAX_REQ:
             raise ValueError(f"{sym}: a layer or add feeds more than {MAX_REQ} NPU consumers")
     allocate_abuf(nodes, cfg)
+    mark_chains(nodes, adds)
+    resident = bool(cfg.resident_weights) and sum(int(L.weight.size) for L in layers) <= cfg.wbuf_bytes
+    for L in layers:
+        L.resident = resident
     code: List[List[int]] = []
     all_variants, sels = [], []
     block_end = {}           # layer slot -> pc after its block
@@ -962,10 +1067,10 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
     for pc, li in sync_rows:
         code[pc][2] = block_end[li]
     return Program(sym, layers, all_variants, sels, np.asarray(code, np.int32).reshape(-1, IW), len(params),
-                   len(outs), counts_param, bias_param, adds)
+                   len(outs), counts_param, bias_param, adds, resident)
 
 
-def _add_c(A: NPUAdd) -> str:
+def _add_c(A: NPUAdd, blob: "_Blob") -> str:
     req = list(A.req) + [0] * (MAX_REQ - len(A.req))
     fadd = list(A.fadd) + [0] * (MAX_REQ - len(A.fadd))
     def f32(v):
@@ -976,24 +1081,52 @@ def _add_c(A: NPUAdd) -> str:
     return (f"{{{A.n}, {int(A.act)}, {f32(A.act_lo)}, {f32(A.act_hi)}, "
             f"{{{A.in_param[0]}, {A.in_param[1]}}}, {{{int(A.onchip[0])}, {int(A.onchip[1])}}}, "
             f"{A.out_index}, {len(A.req)}, {{{', '.join(map(str, req))}}}, {len(A.fadd)}, "
-            f"{{{', '.join(map(str, fadd))}}}, {int(A.pool)}}}")
+            f"{{{', '.join(map(str, fadd))}}}, {int(A.pool)}, " + _vec_c(A, blob, f32) + "}")
+
+
+def _vec_c(A: NPUAdd, blob: "_Blob", f32) -> str:
+    """The token-tensor operator fields of npu_add_t (kind, operand sizes, constants, sizes)."""
+    c_off = [blob.add(c.astype(np.float32)) if c is not None else -1 for c in A.consts]
+    p_off = blob.add(A.params.astype(np.float32)) if A.params is not None else -1
+    n_op = [A.operand_elems(0), A.operand_elems(1)]
+    d = list(A.d) + [0] * (8 - len(A.d))
+    g = list(A.g) + [0] * (8 - len(A.g))
+    return (f"{A.kind}, {{{n_op[0]}, {n_op[1]}}}, {{{c_off[0]}, {c_off[1]}}}, {p_off}, {f32(A.s)}, {len(A.g)}, "
+            f"{{{', '.join(map(str, d))}}}, {{{', '.join(map(str, g))}}}, {A.g0}, {int(A.chain)}")
+
+
+def host_has_fma() -> bool:
+    """Whether the host llvm target contracts `llvm.fmuladd` into one FMA (the token operators
+    must round as the host kernels do; docs/npu.md section 4.3)."""
+    try:
+        from tvm.target import codegen as cg
+
+        from ..llvm import host_target
+
+        triple = str(cg.llvm_get_system_triple())
+        if triple.startswith(("aarch64", "arm64")):
+            return True                      # FMA is part of the AArch64 base ISA
+        return bool(cg.target_has_features("fma", host_target()))
+    except Exception:                        # no LLVM query available: assume a current x86-64 / ARM host
+        return True
 
 
 def generate_c(programs: List[Program], cfg: NPUConfig, num_layers: int) -> str:
     with open(_RUNTIME_C) as fh:
-        src = [fh.read()]
+        src = [f"#define NPU_HOST_FMA {int(host_has_fma())}\n", fh.read()]
     blob = _Blob()
     bodies = []
     for k, P in enumerate(programs):
         lt = ",\n  ".join(_layer_c(L, blob, sel) for L, sel in zip(P.layers, P.sel)) or "{0}"
-        at = ",\n  ".join(_add_c(A) for A in P.adds) or "{0}"
+        at = ",\n  ".join(_add_c(A, blob) for A in P.adds) or "{0}"
         words = ",".join(map(str, P.code.reshape(-1).tolist()))
         bodies.append(f"static const npu_layer_t npu_layers_{k}[] = {{\n  {lt}\n}};\n"
                       f"static const npu_add_t npu_adds_{k}[] = {{\n  {at}\n}};\n"
                       f"static const int32_t npu_code_{k}[] = {{{words}}};\n"
+                      f"static int32_t npu_loaded_{k} = 0;\n"
                       f"static const npu_program_t npu_prog_{k} = {{npu_layers_{k}, {len(P.layers)}, npu_code_{k}, "
                       f"{P.code.shape[0]}, {P.n_params}, {P.n_outputs}, {P.counts_param}, {P.bias_param}, npu_adds_{k}, "
-                      f"{len(P.adds)}}};\n")
+                      f"{len(P.adds)}, {int(P.resident)}, {P.weight_load_cycles(cfg)}, &npu_loaded_{k}}};\n")
     lit, size = blob.c_literal()
     src.append("static float npu_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }\n")
     src.append(f"static const unsigned char npu_blob[{size + 1}] __attribute__((aligned(64))) =\n{lit};\n")
@@ -1040,6 +1173,11 @@ def flexiq_npu_codegen(functions, options, constant_names):
         sym = str(f.attrs["global_symbol"])
         programs.append(lower_function(sym, f, prims, cfg, _CTX.get("levels"), _CTX.get("records"),
                                        _CTX.get("level_ratios"), _CTX.get("untuned")))
+    if sum(int(L.weight.size) for P in programs for L in P.layers) > cfg.wbuf_bytes:
+        for P in programs:                   # together they do not fit the WBUF: per-inference loads
+            P.resident = False
+            for L in P.layers:
+                L.resident = False
     _CTX["programs"] = {P.symbol: P for P in programs}
     code = generate_c(programs, cfg, num_layers)
     _CTX["c_source"] = code

@@ -28,11 +28,14 @@ class NPUConfig:
     sram_bytes_per_cycle: int = 256  # ABUF -> IBUF on-chip mover
     vector_lanes: int = 256          # vector unit (output stage) elements per cycle
     clock_mhz: float = 1000.0
+    # 1: when all the weights of a model fit the WBUF they are loaded once, at program load (as an
+    # edge NPU preloads a small model), and stay there between inferences; 0: loaded per inference
+    resident_weights: int = 1
 
     _LIMITS = {"rows": (1, 1024), "cols": (1, 1024), "ibuf_bytes": (64, 1 << 30),
                "wbuf_bytes": (64, 1 << 30), "obuf_bytes": (64, 1 << 30), "abuf_bytes": (0, 1 << 30),
                "dma_bytes_per_cycle": (1, 4096), "dma_setup_cycles": (0, 1 << 20),
-               "sram_bytes_per_cycle": (1, 1 << 16), "vector_lanes": (1, 4096)}
+               "sram_bytes_per_cycle": (1, 1 << 16), "vector_lanes": (1, 4096), "resident_weights": (0, 1)}
 
     def __post_init__(self):
         for f in fields(self):
@@ -41,6 +44,9 @@ class NPUConfig:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 < float(v) < 1e5):
                     raise NPUConfigError(f"npu_config: clock_mhz must be a number in (0, 100000), got {v!r}")
                 continue
+            if f.name == "resident_weights" and isinstance(v, bool):
+                object.__setattr__(self, f.name, int(v))
+                v = int(v)
             if isinstance(v, bool) or not isinstance(v, int):
                 if isinstance(v, float) and v.is_integer():
                     object.__setattr__(self, f.name, int(v))

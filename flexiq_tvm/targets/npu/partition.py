@@ -18,8 +18,11 @@ A ReLU6 (clip, or ONNX Clip imported as minimum(maximum(y, 0), 6)) fuses like a 
 per-ratio bias table (take + reshape) is part of the layer; a residual add of two float32 NCHW
 tensors of one shape is its own composite (`flexiq_npu.add`, vector unit) and merges with the
 layers around it, and so is a global average pool (`mean` over H, W of a float32 NCHW tensor,
-optionally flattened: `flexiq_npu.pool` / `pool_flat`). Everything else (other pooling, reshapes,
-softmax, ...) stays on the host (llvm).
+optionally flattened: `flexiq_npu.pool` / `pool_flat`). A transformer's other operators (layer
+norm, softmax, erf GELU, elementwise ops with constants, float32 attention matmuls, reshapes,
+transposes, constant slices, concat) are single-op composites `flexiq_npu.vec_<op>` checked by
+`vecops.vec_spec` (docs/npu.md section 4.3), so a whole transformer stack merges into one NPU
+function. Everything else (other pooling, ops over other axes, ...) stays on the host (llvm).
 """
 from __future__ import annotations
 
@@ -91,9 +94,12 @@ def act_bounds(act):
     raise ValueError(f"not an activation: {name}")
 
 
-def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True, pool_on_npu: bool = True):
+def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True, pool_on_npu: bool = True,
+                  vec_on_npu: bool = True):
     """The pattern table; `offload(layer_index) -> bool` may keep chosen layers on the host;
-    `add_on_npu=False` keeps residual adds on the host, `pool_on_npu=False` global pools."""
+    `add_on_npu=False` keeps residual adds on the host, `pool_on_npu=False` global pools,
+    `vec_on_npu=False` the token-tensor operators (layer norm, softmax, GELU, attention matmuls,
+    reshapes / transposes; vecops.py)."""
     from tvm.relax.transform import FusionPattern
 
     def check(ctx, relu: bool) -> bool:
@@ -204,6 +210,21 @@ def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True, pool
             return False
         return True
 
+    vec = []
+    if vec_on_npu:
+        from .vecops import VEC_OPS, NotOnNPU, vec_spec
+
+        def check_vec(ctx) -> bool:
+            """A token-tensor operator the vector unit / mover runs bit-exactly (vecops.vec_spec)."""
+            try:
+                vec_spec(ctx.annotated_expr["root"])
+            except (NotOnNPU, AttributeError, TypeError, ValueError):
+                return False
+            return True
+
+        for op, nargs in VEC_OPS.items():
+            root = is_op(op)(*[wildcard() for _ in range(nargs)])
+            vec.append(FusionPattern(f"{CODEGEN}.vec_{op.split('.')[-1]}", root, {"root": root}, check_vec))
     return [
         FusionPattern(f"{CODEGEN}.pool_flat", flat, {"x": xp, "mean": mean, "flat": flat},
                       lambda ctx: check_pool(ctx, True)),
@@ -212,7 +233,7 @@ def make_patterns(mod: tvm.IRModule, offload=None, add_on_npu: bool = True, pool
         FusionPattern(f"{CODEGEN}.layer", y, dict(ann), lambda ctx: check(ctx, False)),
         FusionPattern(f"{CODEGEN}.add_relu", add_act, {"a": a, "b": b, "add": add, "act": add_act}, check_add_act),
         FusionPattern(f"{CODEGEN}.add", add, {"a": a, "b": b, "add": add}, check_add),
-    ]
+    ] + vec
 
 
 def inline_layers(mod: tvm.IRModule) -> tvm.IRModule:
@@ -223,11 +244,96 @@ def inline_layers(mod: tvm.IRModule) -> tvm.IRModule:
     return relax.transform.CanonicalizeBindings()(mod)
 
 
+def _static_int(e, known):
+    """The value of an integer expression computed from static shapes (None when it is not one)."""
+    if isinstance(e, relax.Var):
+        return known.get(e)
+    if isinstance(e, (tvm.ir.GenericConst, tvm.ir.Constant)):
+        a = e.value.numpy()
+        return a if a.dtype.kind in "iub" else None
+    return None
+
+
+def _eval_shape_arith(call, known):
+    """ONNX Gather / Split imports compute indices from shapes at run time (shape_of, shape_to_tensor,
+    take, add, where). With static shapes they are constants: evaluate them (None when not)."""
+    import numpy as np
+
+    if not isinstance(call, relax.Call) or not isinstance(call.op, tvm.ir.Op):
+        return None
+    name = call.op.name
+    if name == "relax.shape_of":
+        try:
+            return np.array([int(v) for v in call.args[0].ty.shape.values], np.int64)
+        except (AttributeError, TypeError):
+            return None
+    vals = [_static_int(a, known) for a in call.args]
+    if any(v is None for v in vals):
+        return None
+    if name == "relax.shape_to_tensor":
+        return vals[0]
+    if name == "relax.take":
+        mode = str(call.attrs.mode)
+        i = int(vals[1].reshape(-1)[0]) if vals[1].size == 1 else None
+        if i is None or vals[0].ndim != 1:
+            return None
+        i = i % len(vals[0]) if mode == "wrap" else min(max(i, 0), len(vals[0]) - 1)
+        return np.asarray(vals[0][i])
+    if name == "relax.add":
+        return np.asarray(vals[0] + vals[1])
+    if name == "relax.where":
+        return np.asarray(np.where(vals[0], vals[1], vals[2]))
+    return None
+
+
+def fold_static_indices(mod: tvm.IRModule) -> tvm.IRModule:
+    """Replace run-time indices computed from static shapes by constants in `main` (the attention's
+    q / k / v takes of the ViT import), so that the takes become constant slices the NPU reads
+    as address patterns; the integer values are the ones the host computes, so nothing changes numerically.
+    A constant broadcast_to (the class token) is folded too."""
+    import numpy as np
+
+    if "main" not in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod
+    func = mod["main"]
+    known = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = _eval_shape_arith(b.value, known)
+            if v is not None:
+                known[b.var] = v
+    if not known:
+        return mod
+
+    @relax.expr_functor.mutator
+    class _Fold(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            if call.op.name == "relax.take" and isinstance(call.args[1], relax.Var) and call.args[1] in known:
+                idx = known[call.args[1]]
+                return relax.op.take(call.args[0], relax.const(idx, str(idx.dtype)), axis=int(call.attrs.axis),
+                                     mode=str(call.attrs.mode))
+            if call.op.name == "relax.broadcast_to" and isinstance(call.args[0], (tvm.ir.GenericConst, tvm.ir.Constant)):
+                shape = [int(v) for v in call.args[1].values]
+                a = call.args[0].value.numpy()
+                return relax.const(np.ascontiguousarray(np.broadcast_to(a, shape)), str(a.dtype))
+            return call
+
+    new = relax.analysis.remove_all_unused(_Fold(mod).visit_expr(func))
+    funcs = {gv: (new if gv.name_hint == "main" else f) for gv, f in mod.functions_items()}
+    out = tvm.IRModule(funcs, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(funcs)
+    return relax.transform.CanonicalizeBindings()(out)
+
+
 def partition(mod: tvm.IRModule, offload=None, merge: bool = True, add_on_npu: bool = True,
-              pool_on_npu: bool = True) -> tvm.IRModule:
+              pool_on_npu: bool = True, vec_on_npu: bool = True) -> tvm.IRModule:
     """Inline the layer functions, then fuse + annotate the NPU layers (no codegen yet)."""
     mod = inline_layers(mod)
-    pats = make_patterns(mod, offload, add_on_npu and merge, pool_on_npu and merge)
+    if vec_on_npu and merge:
+        mod = fold_static_indices(mod)
+    pats = make_patterns(mod, offload, add_on_npu and merge, pool_on_npu and merge, vec_on_npu and merge)
     entry = [gv.name_hint for gv, f in mod.functions_items()
              if isinstance(f, relax.Function) and (f.attrs is None or "Codegen" not in f.attrs)
              and gv.name_hint in ("main",)]

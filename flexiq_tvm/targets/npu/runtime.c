@@ -20,6 +20,7 @@
 #pragma GCC optimize("fp-contract=off")
 #include <tvm/ffi/c_api.h>
 #include <dlpack/dlpack.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -74,7 +75,21 @@ typedef struct {
   int32_t n_fadd;               /* adds reading a float copy */
   int32_t fadd[NPU_MAX_REQ];
   int32_t pool;                 /* 0: add; > 0: global average pool over `pool` positions per output */
+  /* vector-unit / mover operators of token tensors (kind > 0, docs/npu.md section 4.3) */
+  int32_t kind;                 /* 0: the residual add / pool above; else NPU_V_* */
+  int64_t n_op[2];              /* elements of operand k (0: unused) */
+  int64_t c_off[2];             /* >= 0: operand k is a float32 constant in the blob */
+  int64_t p_off;                /* float32 parameters in the blob (layer norm: gamma[D], beta[D]) */
+  float s;                      /* scalar operand (ADDS, MULS, DIVS) or epsilon (LN) */
+  int32_t nd;                   /* GATHER: output rank */
+  int64_t d[8];                 /* kind-specific sizes (GATHER: output dims) */
+  int64_t g[8];                 /* GATHER: operand element stride per output dim */
+  int64_t g0;                   /* GATHER: operand base offset */
+  int32_t chain;                /* elementwise, fed only by the operator just before it: chained in its pass */
 } npu_add_t;
+
+enum { NPU_V_COPY = 1, NPU_V_ADD = 2, NPU_V_MUL = 3, NPU_V_ADDS = 4, NPU_V_MULS = 5, NPU_V_DIVS = 6,
+       NPU_V_ERF = 7, NPU_V_LN = 8, NPU_V_SOFTMAX = 9, NPU_V_MATMUL = 10, NPU_V_GATHER = 11, NPU_V_CONCAT = 12 };
 
 typedef struct {
   const npu_layer_t* layers;   /* program-local layer table */
@@ -84,6 +99,9 @@ typedef struct {
   int32_t n_params, n_outputs, counts_param, bias_param;
   const npu_add_t* adds;
   int32_t n_adds;
+  int32_t resident;            /* the weights of every program stay in the WBUF between calls */
+  int64_t weight_load;         /* cycles of the one-time weight load (program load, first call) */
+  int32_t* loaded;             /* set once the resident weights are in the WBUF */
 } npu_program_t;
 
 /* ---- configuration (filled by the codegen) ---- */
@@ -190,6 +208,127 @@ static void npu_dynamic_shifts(const npu_layer_t* L, const int8_t* q, int32_t* e
   }
 }
 
+/* ---- vector-unit operators of token tensors (docs/npu.md section 4.3) ----
+ * Each one reproduces the operation order and roundings of the TVM llvm kernel that the host would
+ * run (topi after LegalizeOps, lowered by TVM's LLVM codegen), so the results are bit-exact:
+ *   - reductions run sequentially in index order from 0 (one lane per row / output, the reduction
+ *     axis in time), as the unscheduled host loops do;
+ *   - `acc + a * b` is one fused multiply-add (TVM's LowerIntrin turns an Add of a Mul into
+ *     llvm.fmuladd, an FMA on the host), everything else rounds per operation (fp-contract=off);
+ *   - exp and erf are the C library's expf / erff, the functions the host kernels call. */
+#ifndef NPU_HOST_FMA
+#define NPU_HOST_FMA 1
+#endif
+/* llvm.fmuladd as the host executes it: one rounding on an FMA host, two without FMA */
+static inline float npu_fmuladd(float a, float b, float c) {
+#if NPU_HOST_FMA
+  return fmaf(a, b, c);
+#else
+  float p = a * b;
+  return p + c;
+#endif
+}
+
+static void npu_vec_compute(const npu_add_t* A, const float* a, const float* b, const unsigned char* blob,
+                            float* out) {
+  const int64_t n = A->n;
+  switch (A->kind) {
+    case NPU_V_COPY: memcpy(out, a, sizeof(float) * n); break;
+    case NPU_V_ADD: for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i]; break;
+    case NPU_V_MUL: for (int64_t i = 0; i < n; ++i) out[i] = a[i] * b[i]; break;
+    case NPU_V_ADDS: for (int64_t i = 0; i < n; ++i) out[i] = a[i] + A->s; break;
+    case NPU_V_MULS: for (int64_t i = 0; i < n; ++i) out[i] = a[i] * A->s; break;
+    case NPU_V_DIVS: for (int64_t i = 0; i < n; ++i) out[i] = a[i] / A->s; break;
+    case NPU_V_ERF: for (int64_t i = 0; i < n; ++i) out[i] = erff(a[i]); break;
+    case NPU_V_LN: {                         /* topi layer_norm: sum, mean, sum of squared deviations */
+      const int64_t rows = A->d[0], D = A->d[1];
+      const float* gamma = (const float*)(blob + A->p_off);
+      const float* beta = gamma + D;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* x = a + r * D;
+        float sum = 0.0f;
+        for (int64_t k = 0; k < D; ++k) sum = sum + x[k];
+        float mean = sum / (float)D;
+        float vs = 0.0f;
+        for (int64_t k = 0; k < D; ++k) { float dx = x[k] - mean; vs = npu_fmuladd(dx, dx, vs); }
+        float rs = 1.0f / sqrtf(vs / (float)D + A->s);          /* rsqrt lowers to 1 / sqrt */
+        for (int64_t k = 0; k < D; ++k) out[r * D + k] = npu_fmuladd((x[k] - mean) * rs, gamma[k], beta[k]);
+      }
+      break;
+    }
+    case NPU_V_SOFTMAX: {                    /* topi softmax: row max, exp(x - max), sum, divide */
+      const int64_t rows = A->d[0], D = A->d[1];
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* x = a + r * D;
+        float* y = out + r * D;
+        float m = -FLT_MAX;
+        for (int64_t k = 0; k < D; ++k) m = x[k] > m ? x[k] : m;
+        for (int64_t k = 0; k < D; ++k) y[k] = expf(x[k] - m);
+        float sum = 0.0f;
+        for (int64_t k = 0; k < D; ++k) sum = sum + y[k];
+        for (int64_t k = 0; k < D; ++k) y[k] = y[k] / sum;
+      }
+      break;
+    }
+    case NPU_V_MATMUL: {                     /* [B, M, K] x [B, K, N], float32, FMA per step, k ascending */
+      const int64_t B = A->d[0], M = A->d[1], K = A->d[2], N = A->d[3];
+      for (int64_t bb = 0; bb < B; ++bb)
+        for (int64_t i = 0; i < M; ++i)
+          for (int64_t j = 0; j < N; ++j) {
+            const float* x = a + (bb * M + i) * K;
+            const float* w = b + bb * K * N + j;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; ++k) acc = npu_fmuladd(x[k], w[k * N], acc);
+            out[(bb * M + i) * N + j] = acc;
+          }
+      break;
+    }
+    case NPU_V_GATHER: {                     /* permute / constant take / broadcast: pure addressing */
+      int64_t idx[8] = {0};
+      for (int64_t i = 0; i < n; ++i) {
+        int64_t off = A->g0;
+        for (int k = 0; k < A->nd; ++k) off += idx[k] * A->g[k];
+        out[i] = a[off];
+        for (int k = A->nd - 1; k >= 0; --k) { if (++idx[k] < A->d[k]) break; idx[k] = 0; }
+      }
+      break;
+    }
+    case NPU_V_CONCAT: {                     /* [outer][na | nb][inner] */
+      const int64_t outer = A->d[0], na = A->d[1], nb = A->d[2], inner = A->d[3];
+      for (int64_t o = 0; o < outer; ++o) {
+        memcpy(out + o * (na + nb) * inner, a + o * na * inner, sizeof(float) * na * inner);
+        memcpy(out + (o * (na + nb) + na) * inner, b + o * nb * inner, sizeof(float) * nb * inner);
+      }
+      break;
+    }
+    default: break;
+  }
+}
+
+#define NPU_SFU 4        /* exp / erf / 1/sqrt: lanes / 4 results per cycle (pipelined special functions) */
+
+/* Vector-unit cycles of one operator, before its copies (docs/npu.md section 4.3). A row reduction
+ * keeps one row per lane and the reduction axis in time (the host's sequential order); a float
+ * matmul keeps one output per lane and K in time (vector_lanes MACs per cycle). */
+static int64_t npu_vec_cycles(const npu_add_t* A, const npu_config_t* cfg) {
+  const int64_t l = cfg->lanes, pass = npu_ceil_div(A->n, cfg->lanes);
+  switch (A->kind) {
+    case NPU_V_COPY: return 0;                                      /* a view: same bytes, new shape */
+    case NPU_V_ADD: case NPU_V_MUL: case NPU_V_ADDS: case NPU_V_MULS: case NPU_V_DIVS: return pass;
+    case NPU_V_ERF: return NPU_SFU * pass;
+    case NPU_V_LN: {
+      int64_t rp = npu_ceil_div(A->d[0], l);
+      return 2 * rp * A->d[1] + NPU_SFU * rp + pass;               /* sum, squares, 1/sqrt, normalize */
+    }
+    case NPU_V_SOFTMAX: {
+      int64_t rp = npu_ceil_div(A->d[0], l);
+      return rp * A->d[1] + NPU_SFU * pass + rp * A->d[1] + pass;  /* max, exp, sum, divide */
+    }
+    case NPU_V_MATMUL: return npu_ceil_div(A->d[0] * A->d[1] * A->d[3], l) * A->d[2];
+    default: return 0;                      /* GATHER / CONCAT: an address pattern of the consumers' reads */
+  }
+}
+
 /* The interpreter.  blob: constants; cfg: the array; stats: [n_stats][NPU_STATS_COLS]. */
 static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_config_t* cfg,
                    double* stats, int32_t n_stats, const TVMFFIAny* args, int32_t num_args) {
@@ -210,6 +349,14 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
   if (P->bias_param >= 0)
     bias_row_arg = *(const int32_t*)((const char*)T[P->bias_param]->data + T[P->bias_param]->byte_offset);
 
+  /* resident weights: loaded once, when the program is loaded (its first call); the load is
+     reported in the header row (not in the per-inference cycles) */
+  if (n_stats >= 0) {
+    int loaded_now = 0;
+    if (P->resident && P->loaded && !*P->loaded) { *P->loaded = 1; loaded_now = 1; }
+    stats[14] = (double)(P->resident ? P->weight_load : 0);
+    stats[15] = (double)(P->resident + 2 * loaded_now);
+  }
   const int64_t IB = cfg->ibuf / 2, WB = cfg->wbuf / 2, OB = cfg->obuf / 2;
   int8_t* ibuf[2] = {(int8_t*)malloc(IB), (int8_t*)malloc(IB)};
   int8_t* wbuf[2] = {(int8_t*)malloc(WB), (int8_t*)malloc(WB)};
@@ -222,7 +369,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
   int64_t* add_ready = (int64_t*)calloc(P->n_adds + 1, sizeof(int64_t));
   int ok = ibuf[0] && ibuf[1] && wbuf[0] && wbuf[1] && obuf[0] && obuf[1] && xcode && wcode && qin && ls && fin && add_ready;
   for (int a = 0; ok && a < 2 * P->n_adds; ++a) {
-    fin[a] = (float*)malloc(sizeof(float) * P->adds[a / 2].n * (P->adds[a / 2].pool > 0 ? P->adds[a / 2].pool : 1));
+    fin[a] = (float*)malloc(sizeof(float) * (P->adds[a / 2].n_op[a % 2] > 0 ? P->adds[a / 2].n_op[a % 2] : 1));
     if (!fin[a]) ok = 0;
   }
   for (int l = 0; ok && l < P->n_layers; ++l) {
@@ -238,13 +385,73 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
   memset(xm, 0, sizeof xm); memset(wm, 0, sizeof wm); memset(om, 0, sizeof om);
   npu_clock_t tc;
   memset(&tc, 0, sizeof tc);
-  int64_t prev_end = 0, add_end = 0, add_dma = 0, add_vec = 0, add_bytes = 0;
+  int64_t prev_end = 0, add_end = 0, add_dma = 0, add_vec = 0, add_bytes = 0, chain_max = 0;
   double* last_st = NULL;
   int32_t last_gemm_wbank = 0;
   const int32_t R = cfg->rows, Ccols = cfg->cols;
 
   for (int32_t pc = 0; !err && pc < P->n_instr; ++pc) {
     const int32_t* I = P->code + (int64_t)pc * NPU_IW;
+    if (I[0] == OP_ADD && P->adds[I[1]].kind > 0) {   /* token-tensor operator (vector unit / mover) */
+      const npu_add_t* A = &P->adds[I[1]];
+      const float* src[2] = {NULL, NULL};
+      int64_t bytes = 0;                     /* DRAM traffic of this operator */
+      for (int k = 0; k < 2; ++k) {
+        if (A->n_op[k] <= 0) continue;
+        if (A->c_off[k] >= 0) {              /* a constant: loaded with the weights */
+          src[k] = (const float*)(blob + A->c_off[k]);
+          if (!P->resident) bytes += 4 * A->n_op[k];
+        } else if (A->in_param[k] >= 0) {
+          src[k] = (const float*)((const char*)T[A->in_param[k]]->data + T[A->in_param[k]]->byte_offset);
+          bytes += 4 * A->n_op[k];
+        } else {
+          src[k] = fin[2 * I[1] + k];
+          if (!A->onchip[k]) bytes += 4 * A->n_op[k];
+        }
+      }
+      if (A->kind == NPU_V_LN && !P->resident) bytes += 8 * A->d[1];
+      float* y = NULL;
+      if (A->out_index >= 0) {
+        DLTensor* Y = T[P->n_params + A->out_index];
+        y = (float*)((char*)Y->data + Y->byte_offset);
+      }
+      float* r = y ? y : (float*)malloc(sizeof(float) * (A->n > 0 ? A->n : 1));
+      if (!r) { err = "flexiq_npu: out of host memory"; break; }
+      npu_vec_compute(A, src[0], src[1], blob, r);
+      for (int64_t i = 0; i < A->n; ++i)
+        npu_fan_out(P, qin, fin, A->n_req, A->req_layer, A->n_fadd, A->fadd, i, r[i]);
+      if (!y) free(r);
+      if (y) bytes += 4 * (int64_t)A->n;
+      for (int c = 0; c < A->n_req; ++c) bytes += P->layers[A->req_layer[c]].in_onchip ? 0 : A->n;
+      for (int c = 0; c < A->n_fadd; ++c) bytes += P->adds[A->fadd[c] / 2].onchip[A->fadd[c] % 2] ? 0 : 4 * (int64_t)A->n;
+      int n_dyn = 0;
+      for (int c = 0; c < A->n_req; ++c) n_dyn += P->layers[A->req_layer[c]].dynamic;
+      /* one pass writes the result: the float tensor in the ABUF, read in place by every float
+         consumer (a reshape / transpose / slice / concat is only the address pattern its
+         consumers read with), and the first requantized INT8 copy; each further INT8 copy and
+         each dynamic consumer's max tracking is one more pass */
+      const int64_t pass = npu_ceil_div(A->n, cfg->lanes);
+      const int64_t own = npu_vec_cycles(A, cfg);
+      /* chaining: an elementwise operator whose input streams out of the operator just before it
+         (its only consumer) is another stage of the same pipelined pass: the chain runs at the
+         rate of its slowest stage */
+      int64_t own_t = own;
+      if (A->chain) { own_t = own > chain_max ? own - chain_max : 0; if (own > chain_max) chain_max = own; }
+      else chain_max = own;
+      int64_t extra = A->n_req + n_dyn - ((own > 0 || A->chain) && A->n_req > 0 ? 1 : 0);
+      int64_t v = own_t + pass * (extra > 0 ? extra : 0);
+      int64_t d = bytes ? cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw) : 0;
+      int64_t s0 = npu_max64(add_ready[I[1]], v ? tc.vec_free : 0);
+      if (d) s0 = npu_max64(s0, tc.dma_free);
+      int64_t e = s0 + npu_max64(v, d);
+      if (v) tc.vec_free = e;
+      if (d) tc.dma_free = e;
+      for (int c = 0; c < A->n_req; ++c) ls[A->req_layer[c]].in_ready = npu_max64(ls[A->req_layer[c]].in_ready, e);
+      for (int c = 0; c < A->n_fadd; ++c) add_ready[A->fadd[c] / 2] = npu_max64(add_ready[A->fadd[c] / 2], e);
+      add_end = npu_max64(add_end, e);
+      add_dma += d; add_vec += v; add_bytes += bytes;   /* reported with the layer after the operator */
+      continue;
+    }
     if (I[0] == OP_ADD) {                    /* residual add on the vector unit (float32, exact) */
       const npu_add_t* A = &P->adds[I[1]];
       const float* src[2];
@@ -405,10 +612,15 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
           memcpy(wbuf[b] + (int64_t)o * m.jlen * KKw, src, (size_t)m.jlen * KKw);
         }
         wm[b] = m;
+        if (I[0] == OP_PREF && sw) { sw[3] = 0; sw[14] = 0; sw[8] = 0; }   /* fresh row for the next layer */
+        if (P->resident) {                   /* weights resident in the WBUF since program load: no DMA */
+          tc.w_ready[b] = 0;
+          if (sw && bytes > sw[8]) sw[8] = (double)bytes;
+          break;
+        }
         int64_t s = npu_max64(tc.dma_free, tc.w_free[b]);
         int64_t d = cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw);
         tc.dma_free = s + d; tc.w_ready[b] = s + d;
-        if (I[0] == OP_PREF && sw) { sw[3] = 0; sw[14] = 0; sw[8] = 0; }   /* fresh row for the next layer */
         Sw->last_end = npu_max64(Sw->last_end, s + d);
         if (sw) { sw[3] += d; sw[14] += bytes; if (bytes > sw[8]) sw[8] = (double)bytes; }
         break;

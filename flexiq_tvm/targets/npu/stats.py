@@ -40,6 +40,9 @@ def decode(table: np.ndarray, names=None) -> dict:
         layers.append(d)
     total = sum(l["total"] for l in layers)
     return {"config": cfg, "layers": layers, "total_cycles": total,
+            # resident weights (docs/npu.md section 4.4): loaded once at program load, not per call
+            "weights_resident": bool(int(h[15]) & 1), "weight_load_cycles": int(h[14]),
+            "weights_loaded_this_call": bool(int(h[15]) & 2),
             "latency_us": total / cfg["clock_mhz"] if cfg["clock_mhz"] else float("nan"),
             "compute_cycles": sum(l["compute"] for l in layers), "dma_cycles": sum(l["dma"] for l in layers),
             "vector_cycles": sum(l["vector"] for l in layers)}
