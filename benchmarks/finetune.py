@@ -4,7 +4,7 @@
 For each model the full default pipeline (percentile calibration, evolutionary search, per-ratio
 bias correction, compensated rounding) makes the plan once (cached in --work-dir: MobileNetV2's
 takes 10-40 min here); the finetuning stage (`flexiq_tvm.search.finetune`, default config unless
---method/--epochs/--lr) then trains its INT8 codes, and both plans are compiled for llvm and
+--method/--epochs/--lr/--config) then trains its INT8 codes, and both plans are compiled for llvm and
 evaluated at every standard ratio: top-1 agreement with FP32, KL(FP32 || FlexiQ), top-5 overlap
 and, where the data has labels (the Fashion-MNIST models), top-1 accuracy. Finetuning wall time
 is measured on this machine (torch threads: --threads).
@@ -73,9 +73,9 @@ def load_case(name, work: Path, seed: int):
         ns = SimpleNamespace(threads=1, weights=None, photos=None, calib_crops=8, eval_crops=8, seed=seed,
                              frontend="onnx")
         model, _, calib_dir, eval_dir = mnv2.prepare(work / "mnv2", ns)
-        calib, _ = ImageFolder(str(calib_dir)).load(model)
         x, _ = ImageFolder(str(eval_dir)).load(model)
-        return model, calib, x, None
+        # the folder itself, not its array: finetuning then holds out whole photos (holdout_by_source)
+        return model, ImageFolder(str(calib_dir)), x, None
     from ablation import demo_model_and_data
 
     model, calib, x, labels = demo_model_and_data(True, MODEL_FILES[name])
@@ -92,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, help="finetuning time budget per model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for finetuning (default 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", help="more FinetuneConfig fields as JSON, e.g. '{\"train_copies\": 1}'")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import torch
@@ -103,6 +104,7 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
     kw = {k: v for k, v in (("method", args.method), ("epochs", args.epochs), ("lr", args.lr),
                             ("max_seconds", args.max_seconds)) if v is not None}
+    kw.update(json.loads(args.config) if args.config else {})
     cfg = FinetuneConfig(seed=args.seed, threads=args.threads, **kw)
     results = {}
     for name in args.models.split(","):

@@ -358,7 +358,7 @@ def main(argv=None):
                     help="skip the per-ratio bias correction after the search (about 1.5 min here)")
     ap.add_argument("--finetune", action="store_true",
                     help="finetune the plan's INT8 codes for all ratios against FP32 on the calibration crops "
-                    "(fq.quantize(finetune=True); needs torch; about 15 min here)")
+                    "(flexiq_tvm.search.finetune on the calibration folder; needs torch; about 4-8 min here)")
     ap.add_argument("--plan", help="start from this saved plan instead of quantizing (e.g. the work dir's "
                     "mobilenet_v2.flexiq of an earlier run; with --finetune only the finetuning runs)")
     ap.add_argument("--rounding", choices=["compensated", "nearest"], default="compensated",
@@ -379,14 +379,15 @@ def main(argv=None):
     t = time.perf_counter()
     if args.plan:
         plan = fq.Plan.load(args.plan)
-        if args.finetune:
-            from flexiq_tvm.search.finetune import finetune_plan
-
-            plan = finetune_plan(model, plan, ImageFolder(str(calib_dir)), fq.FinetuneConfig(seed=args.seed))
     else:
         plan = fq.quantize(model, ImageFolder(str(calib_dir)), group_size=args.group_size, calibrator=args.calibrator,
                            search=args.search, seed=args.seed, search_samples=args.search_samples,
-                           recover=args.recover, rounding=args.rounding, finetune=args.finetune)
+                           recover=args.recover, rounding=args.rounding)
+    if args.finetune:
+        # given the folder (not its array), FinetuneConfig(holdout_by_source=True) can hold out whole photos
+        from flexiq_tvm.search.finetune import finetune_plan
+
+        plan = finetune_plan(model, plan, ImageFolder(str(calib_dir)), fq.FinetuneConfig(seed=args.seed))
     q_s = time.perf_counter() - t
     print(f"quantize (search={args.search}): {q_s:.1f} s", flush=True)
     plan.save(work / ("mobilenet_v2.finetuned.flexiq" if args.finetune else "mobilenet_v2.flexiq"))

@@ -86,7 +86,9 @@ def quantize(model, calib, ratios: Sequence[float] = STANDARD_LEVELS, group_size
         from .search.finetune import finetune_plan
 
         timings = dict(plan.timings)
-        plan = finetune_plan(model, plan, inputs, ft_config, progress=progress)
+        # the source itself when whole photos are to be held out (it knows which crop is whose)
+        plan = finetune_plan(model, plan, calib if ft_config.holdout_by_source else inputs, ft_config,
+                             progress=progress)
         plan.timings = {**timings, **plan.timings}
     plan.timings["quantize"] = round(time.perf_counter() - t0, 3)
     return plan

@@ -135,11 +135,60 @@ def test_finetune_without_torch_names_the_extra(demo, monkeypatch, tmp_path):
     assert y.shape == (2, 10)
 
 
+def test_heldout_split_keeps_photos_together():
+    """Crops `<photo>_<NN>` of one photo are held out (or trained on) together."""
+    from types import SimpleNamespace
+
+    from flexiq_tvm.search.finetune.trainer import _split_groups, source_groups
+
+    files = [f"/c/{p}_{k:02d}.png" for p in ("astronaut", "coffee", "motorcycle_left", "retina") for k in range(3)]
+    groups = source_groups(SimpleNamespace(files=files), len(files))
+    assert groups is not None and len(set(groups.tolist())) == 4
+    train, hold = _split_groups(groups, 0.25, 0)
+    assert len(hold) == 3 and not set(groups[train]) & set(groups[hold])
+    assert source_groups(np.zeros((12, 1)), 12) is None       # an array: crop-level split
+
+
+def test_holdout_by_source_on_an_array_says_so(demo):
+    """Asked to hold out whole photos of data that has no photo names: a warning, a crop-level split."""
+    from flexiq_tvm.search.finetune import FinetuneConfig, finetune_plan
+
+    model, calib, plan, _ = demo
+    with pytest.warns(UserWarning, match="holdout_by_source"):
+        tuned = finetune_plan(model, plan, calib[:40], FinetuneConfig(epochs=1, holdout=0.25, holdout_by_source=True),
+                              progress=False)
+    rep = tuned.meta["finetune"]
+    assert rep["heldout_samples"] == 10 and not rep["heldout_by_source"]
+
+
+def test_finetune_options_keep_an_exact_plan(demo):
+    """Bounded codes, augmented copies, learned activation scales and a final end-to-end phase:
+    the codes stay within code_radius and the torch model still matches the reference exactly."""
+    from flexiq_tvm.search.finetune import FinetuneConfig, finetune_plan
+    from flexiq_tvm.search.finetune.qmodel import check_against_reference
+
+    model, calib, plan, _ = demo
+    cfg = FinetuneConfig(method="block", epochs=1, holdout=0.25, seed=0, code_radius=1.0, train_copies=2,
+                         ascale_lr=1e-3, final_epochs=1, level_power=0.5)
+    tuned = finetune_plan(model, plan, calib, cfg, progress=False)
+    rep = tuned.meta["finetune"]
+    assert rep["train_samples"] == 120 and "final" in rep and "after_blocks" in rep
+    if rep["kept"]:
+        for a, b, spec in zip(plan.layers, tuned.layers, model.specs):
+            diff = b.int8_weight(spec.weight).astype(int) - a.int8_weight(spec.weight).astype(int)
+            assert np.abs(diff).max() <= 1
+    assert check_against_reference(model, tuned, calib[:3])["max_abs_diff"] == 0
+
+
 def test_finetune_config_errors():
     with pytest.raises(ValueError, match="method"):
         fq.FinetuneConfig(method="layer")
     with pytest.raises(ValueError, match="holdout"):
         fq.FinetuneConfig(holdout=1.0)
+    with pytest.raises(ValueError, match="train_copies"):
+        fq.FinetuneConfig(train_copies=0)
+    with pytest.raises(ValueError, match="code_radius"):
+        fq.FinetuneConfig(code_radius=0)
     with pytest.raises(TypeError, match="finetune must be"):
         from flexiq_tvm.search.finetune.config import as_config
 

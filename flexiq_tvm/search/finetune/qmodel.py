@@ -196,7 +196,7 @@ class QuantModel:
         return self.plan.counts_for_ratio(level)
 
     def float_layer(self, i, x):
-        torch, F = _t(), __import__("torch.nn.functional", fromlist=["conv2d"])
+        F = _t().nn.functional
         s = self.model.specs[i]
         if s.op == "conv2d":
             pt, pl, pb, pr = s.padding

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
+from dataclasses import replace
 from typing import Dict
 
 import numpy as np
@@ -53,16 +55,54 @@ def augment_images(x, gen):
 FLOOR = 0.1   # a level's loss weight is 1 / max(its initial loss, FLOOR * the mean initial loss)
 
 
-def level_weights(init: Dict[float, float]) -> Dict[float, float]:
-    """Per-level loss weights: each level's loss relative to where it started, so that the INT8
-    level (whose loss is small) is not sacrificed to the 4-bit ones; levels already below FLOOR x
-    the mean are capped so that noise-level losses do not dominate."""
+def level_weights(init: Dict[float, float], power: float = 1.0) -> Dict[float, float]:
+    """Per-level loss weights: each level's loss relative to where it started (power 1), so that the
+    INT8 level (whose loss is small) is not sacrificed to the 4-bit ones; levels already below FLOOR x
+    the mean are capped so that noise-level losses do not dominate. power < 1 flattens the weights
+    toward the higher ratios, whose losses start larger."""
     floor = FLOOR * float(np.mean(list(init.values()))) + 1e-12
-    return {r: 1.0 / max(v, floor) for r, v in init.items()}
+    return {r: 1.0 / max(v, floor) ** power for r, v in init.items()}
 
 
 def weighted(losses: Dict[float, float], weights: Dict[float, float]) -> float:
     return float(np.mean([losses[r] * weights[r] for r in losses]))
+
+
+def source_groups(calib, n: int):
+    """Photo of each calibration input when `calib` is an image folder of `<photo>_<NN>.<ext>` crops
+    (ImageFolder or a folder path), else None. Held-out splits keep a photo's crops together."""
+    import os
+    import re
+
+    files = getattr(calib, "files", None)
+    if not files and isinstance(calib, (str, os.PathLike)) and os.path.isdir(calib):
+        from ...calibrate.images import list_images
+
+        files = list_images(calib)[0]
+    if not files or len(files) != n:
+        return None
+    stems = [re.sub(r"_\d+$", "", os.path.splitext(os.path.basename(f))[0]) for f in files]
+    if len(set(stems)) < 2 or len(set(stems)) == n:
+        return None
+    ids = {s: k for k, s in enumerate(sorted(set(stems)))}
+    return np.array([ids[s] for s in stems])
+
+
+def _split_groups(groups, holdout: float, seed: int):
+    """Like _split, over whole groups: round(holdout x groups) groups (at least one) held out."""
+    rng = np.random.default_rng(seed)
+    uniq = rng.permutation(np.unique(groups))
+    n_hold = min(max(int(round(holdout * uniq.size)), 1), uniq.size - 1) if holdout > 0 else 0
+    hold = np.isin(groups, uniq[:n_hold])
+    return np.flatnonzero(~hold), np.flatnonzero(hold)
+
+
+def expand_inputs(x, copies: int, gen):
+    """x followed by copies - 1 augmented versions of it (flips / resized crops; images only)."""
+    torch = _torch()
+    if copies <= 1 or x.ndim != 4 or x.shape[0] == 0:
+        return x
+    return torch.cat([x] + [augment_images(x, gen) for _ in range(copies - 1)])
 
 
 def _split(n: int, holdout: float, seed: int):
@@ -115,7 +155,14 @@ def finetune_plan(model, plan: Plan, calib, cfg: FinetuneConfig, progress: bool 
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     inputs, _ = load_data(calib, model, what="calibration data")
-    train_idx, hold_idx = _split(inputs.shape[0], cfg.holdout, cfg.seed)
+    groups = source_groups(calib, inputs.shape[0]) if cfg.holdout_by_source else None
+    if cfg.holdout_by_source and groups is None:
+        warnings.warn("finetune: holdout_by_source needs calibration data from an image folder of "
+                      "<photo>_<NN> crops (an ImageFolder or its path); holding out single inputs instead")
+    if groups is not None:
+        train_idx, hold_idx = _split_groups(groups, cfg.holdout, cfg.seed)
+    else:
+        train_idx, hold_idx = _split(inputs.shape[0], cfg.holdout, cfg.seed)
     x_train = torch.tensor(inputs[train_idx])
     x_hold = torch.tensor(inputs[hold_idx]) if hold_idx.size else x_train[:0]
     qm = QuantModel(model, plan)
@@ -124,23 +171,35 @@ def finetune_plan(model, plan: Plan, calib, cfg: FinetuneConfig, progress: bool 
     qm._bias_trained = train_bias
     for l in qm.layers:
         l.train_wscale = cfg.scale_lr > 0
+        l.train_ascale = cfg.ascale_lr > 0
+        l.latent0 = l.latent.detach().clone()
     with torch.no_grad():
         t_hold = torch.cat([qm.teacher(xb) for xb in _batches(x_hold, 16)]) if hold_idx.size else None
     eval_x = x_hold if hold_idx.size else x_train
     with torch.no_grad():
         eval_t = t_hold if t_hold is not None else torch.cat([qm.teacher(xb) for xb in _batches(x_train, 16)])
     before = heldout_kl(qm, eval_x, eval_t, levels)
-    weights = level_weights(before)
     report = {"method": cfg.method, "config": cfg.to_dict(), "train_samples": int(train_idx.size),
-              "heldout_samples": int(hold_idx.size), "heldout_before": before}
+              "heldout_samples": int(hold_idx.size), "heldout_by_source": groups is not None,
+              "heldout_before": before}
     if cfg.method == "model":
         hist = _train_model(qm, x_train, eval_x, eval_t, cfg, progress, t0)
     else:
-        hist = _train_blocks(qm, x_train, eval_x, cfg, progress, t0)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        hist = _train_blocks(qm, expand_inputs(x_train, cfg.train_copies, gen), eval_x, cfg, progress, t0,
+                             steps_n=x_train.shape[0])
+        if cfg.final_epochs > 0 and eval_t.ndim == 2:
+            report["after_blocks"] = heldout_kl(qm, eval_x, eval_t, levels)
+            final = replace(cfg, epochs=cfg.final_epochs, lr=cfg.final_lr, scale_lr=cfg.scale_lr * cfg.final_lr / cfg.lr,
+                            ascale_lr=cfg.ascale_lr * cfg.final_lr / cfg.lr)
+            hist["final"] = _train_model(qm, x_train, eval_x, eval_t, final, progress, t0)
     after = heldout_kl(qm, eval_x, eval_t, levels)
     report.update(hist)
     report["heldout_after"] = after
-    mean_b, mean_a = weighted(before, weights), weighted(after, weights)
+    # the keep/revert guard always compares each level's loss relative to where it started (power 1),
+    # whatever level_power trained with: a lower power would let the all-4-bit level's large, noisy loss decide
+    guard = level_weights(before)
+    mean_b, mean_a = weighted(before, guard), weighted(after, guard)
     report["heldout_weighted_before"], report["heldout_weighted_after"] = mean_b, mean_a
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if mean_a >= mean_b:
@@ -165,10 +224,22 @@ def _optimizer(qm: QuantModel, cfg: FinetuneConfig, layers=None):
     groups = [{"params": [l.latent for l in layers], "lr": cfg.lr}]
     if cfg.scale_lr > 0:
         groups.append({"params": [l.log_wscale for l in layers], "lr": cfg.scale_lr})
+    if cfg.ascale_lr > 0:
+        groups.append({"params": [l.log_ascale for l in layers], "lr": cfg.ascale_lr})
     if cfg.bias:
         groups.append({"params": [p for l in layers for p in l.bias_delta.values()], "lr": cfg.lr * 0.05})
     params = [p for g in groups for p in g["params"]]
     return torch.optim.Adam(groups), params
+
+
+def _clamp_codes(layers, radius):
+    """Keeps every latent code within `radius` of its starting value (cfg.code_radius)."""
+    if radius is None:
+        return
+    torch = _torch()
+    with torch.no_grad():
+        for l in layers:
+            l.latent.copy_(torch.minimum(torch.maximum(l.latent, l.latent0 - radius), l.latent0 + radius))
 
 
 def _pick_levels(levels, k, gen):
@@ -196,7 +267,7 @@ def _train_model(qm, x_train, x_eval, t_eval, cfg, progress, t0):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     logits = t_eval.ndim == 2
     init = heldout_kl(qm, x_eval, t_eval, qm.levels)
-    norm = level_weights(init)
+    norm = level_weights(init, cfg.level_power)
     best = weighted(init, norm)
     history, bad, step = [{"step": 0, "heldout": best}], 0, 0
     bar = tqdm(total=total, desc="finetune (model)", disable=not progress, leave=False)
@@ -215,6 +286,7 @@ def _train_model(qm, x_train, x_eval, t_eval, cfg, progress, t0):
             (loss * norm[r]).backward()
             loss_v += float(loss.detach())
         opt.step()
+        _clamp_codes(qm.layers, cfg.code_radius)
         sched.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss_v:.4f}", best=f"{best:.4f}")
@@ -267,9 +339,11 @@ def _run_block(qm, start, stop, x, layer_fn):
     return env[g.bindings[stop - 1].var]
 
 
-def _train_blocks(qm, x_train, x_eval, cfg, progress, t0):
+def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
     """Block by block: each block's output at every sampled level matched to FP32's (relative MSE;
-    KL for the model's logits), its inputs those of the finetuned quantized blocks before it."""
+    KL for the model's logits), its inputs those of the finetuned quantized blocks before it.
+    An epoch is ceil(steps_n / batch_size) steps (steps_n: the training inputs before any augmented
+    copies were appended), batches drawn from all of x_train."""
     torch = _torch()
     from tqdm.auto import tqdm
 
@@ -282,7 +356,7 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0):
     q_tr = {r: x_train for r in levels}
     q_ev = {r: x_eval for r in levels}
     n = x_train.shape[0]
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil((steps_n or n) / cfg.batch_size))
     per_block = []
     total_steps = 0
     bar = tqdm(total=len(blocks) * cfg.epochs * steps_per_epoch, desc="finetune (blocks)", disable=not progress,
@@ -319,7 +393,7 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0):
         total = cfg.epochs * steps_per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         init = heldout(per_level=True)
-        norm = level_weights(init)
+        norm = level_weights(init, cfg.level_power)
         best = first = heldout()
         bad, hist, stopped = 0, [], "epochs"
         eval_every = cfg.eval_every or steps_per_epoch
@@ -334,6 +408,7 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0):
                     (loss * norm[r]).backward()
                     lv += float(loss.detach())
                 opt.step()
+                _clamp_codes([qm.layers[i] for i in layer_ids], cfg.code_radius)
                 sched.step()
                 bar.update(1)
                 if step % eval_every == 0 or step == total:
