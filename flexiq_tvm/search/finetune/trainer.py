@@ -115,11 +115,23 @@ def _split(n: int, holdout: float, seed: int):
 
 
 class _State:
-    """Snapshot / restore of the trainable tensors."""
+    """Snapshot / restore of the trainable tensors, and the early stop on the held-out loss that
+    decides when to snapshot (both training loops share it)."""
 
-    def __init__(self, params):
+    def __init__(self, params, best_loss: float = math.inf, patience: int = 1, min_delta: float = 0.0):
         self.params = params
         self.best = [p.detach().clone() for p in params]
+        self.best_loss, self.patience, self.min_delta, self.bad = best_loss, patience, min_delta, 0
+
+    def offer(self, loss: float) -> bool:
+        """A held-out loss: snapshot when it improves on the best by more than `min_delta`; True once
+        `patience` evaluations in a row have not."""
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.bad = loss, 0
+            self.save()
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
 
     def save(self):
         self.best = [p.detach().clone() for p in self.params]
@@ -259,7 +271,6 @@ def _train_model(qm, x_train, x_eval, t_eval, cfg, progress, t0):
 
     gen = torch.Generator().manual_seed(cfg.seed)
     opt, params = _optimizer(qm, cfg)
-    state = _State(params)
     n = x_train.shape[0]
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     total = cfg.epochs * steps_per_epoch
@@ -268,8 +279,8 @@ def _train_model(qm, x_train, x_eval, t_eval, cfg, progress, t0):
     logits = t_eval.ndim == 2
     init = heldout_kl(qm, x_eval, t_eval, qm.levels)
     norm = level_weights(init, cfg.level_power)
-    best = weighted(init, norm)
-    history, bad, step = [{"step": 0, "heldout": best}], 0, 0
+    state = _State(params, weighted(init, norm), cfg.patience, min_delta=1e-6)
+    history, step = [{"step": 0, "heldout": state.best_loss}], 0
     bar = tqdm(total=total, desc="finetune (model)", disable=not progress, leave=False)
     stopped = "epochs"
     for step in range(1, total + 1):
@@ -289,18 +300,13 @@ def _train_model(qm, x_train, x_eval, t_eval, cfg, progress, t0):
         _clamp_codes(qm.layers, cfg.code_radius)
         sched.step()
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_v:.4f}", best=f"{best:.4f}")
+        bar.set_postfix(loss=f"{loss_v:.4f}", best=f"{state.best_loss:.4f}")
         if step % eval_every == 0 or step == total:
             h = weighted(heldout_kl(qm, x_eval, t_eval, qm.levels), norm)
             history.append({"step": step, "train": loss_v, "heldout": h})
-            if h < best - 1e-6:
-                best, bad = h, 0
-                state.save()
-            else:
-                bad += 1
-                if bad >= cfg.patience:
-                    stopped = "heldout loss stopped improving"
-                    break
+            if state.offer(h):
+                stopped = "heldout loss stopped improving"
+                break
         if cfg.max_seconds and time.perf_counter() - t0 > cfg.max_seconds:
             stopped = "max_seconds"
             break
@@ -385,7 +391,6 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
             return vals if per_level else weighted(vals, norm)
 
         opt, params = _optimizer(qm, cfg, layer_ids)
-        state = _State(params)
         deadline = None
         if cfg.max_seconds:
             # the time left, shared equally by the blocks still to train
@@ -394,8 +399,9 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         init = heldout(per_level=True)
         norm = level_weights(init, cfg.level_power)
-        best = first = heldout()
-        bad, hist, stopped = 0, [], "epochs"
+        first = heldout()
+        state = _State(params, first, cfg.patience, min_delta=1e-7)
+        hist, stopped = [], "epochs"
         eval_every = cfg.eval_every or steps_per_epoch
         step = 0
         if True:
@@ -414,22 +420,17 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
                 if step % eval_every == 0 or step == total:
                     h = heldout()
                     hist.append(h)
-                    if h < best - 1e-7:
-                        best, bad = h, 0
-                        state.save()
-                    else:
-                        bad += 1
-                        if bad >= cfg.patience:
-                            stopped = "heldout loss stopped improving"
-                            break
+                    if state.offer(h):
+                        stopped = "heldout loss stopped improving"
+                        break
                 if deadline is not None and time.perf_counter() > deadline:
                     stopped = "time budget"
                     break
             state.restore()
         total_steps += step
         per_block.append({"layers": [qm.layers[i].spec.name for i in layer_ids], "steps": step,
-                          "heldout_before": init, "heldout_rel_after": best, "stopped": stopped})
-        bar.set_postfix(block=f"{b + 1}/{len(blocks)}", heldout=f"{first:.4f}->{best:.4f}")
+                          "heldout_before": init, "heldout_rel_after": state.best_loss, "stopped": stopped})
+        bar.set_postfix(block=f"{b + 1}/{len(blocks)}", heldout=f"{first:.4f}->{state.best_loss:.4f}")
         if not last:
             with torch.no_grad():
                 fp_tr = torch.cat([_run_block(qm, start, stop, xb, qm.float_layer)
