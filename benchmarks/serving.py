@@ -121,9 +121,9 @@ def _plan_key(plan):
 
 
 # --------------------------------------------------------------------------- simulation driver
-def make_controller(levels, slo_s, max_batch, table_fn, batch_sizes):
+def make_controller(levels, slo_s, max_batch, table_fn, batch_sizes, max_wait_s=None):
     """A controller that starts from the same measured table the simulator uses (as warm-up does live)."""
-    c = RatioController(levels, slo_s, max_batch=max_batch)
+    c = RatioController(levels, slo_s, max_batch=max_batch, max_wait_s=max_wait_s)
     for lv in range(len(levels)):
         for b in batch_sizes:
             if b <= max_batch:
@@ -134,7 +134,7 @@ def make_controller(levels, slo_s, max_batch, table_fn, batch_sizes):
 def run_policy(policy, arr, service, levels, slo_s, max_batch, max_wait_s, batch_sizes):
     if policy == "adaptive":
         return simulate(arr, service, max_batch, max_wait_s,
-                        controller=make_controller(levels, slo_s, max_batch, service, batch_sizes))
+                        controller=make_controller(levels, slo_s, max_batch, service, batch_sizes, max_wait_s))
     return simulate(arr, service, max_batch, max_wait_s, static_level=0 if policy == "int8" else len(levels) - 1)
 
 

@@ -12,13 +12,20 @@ Policy (the paper's: the lowest ratio expected to meet the SLO given the queue s
 * For each level, lowest first, the controller predicts the worst latency of the requests now
   queued if they were served at that level in batches of `max_batch` (the oldest request of each
   batch has waited in proportion to its place in the queue, linear arrivals between the oldest and
-  the newest), and checks the level can keep up with the arrival rate (`rate * t(B) / B` below
-  `max_utilization`; the rate is ignored until the meter has seen half a window). The lowest level whose prediction is within `headroom * slo` is the target.
+  the newest), and checks the level can keep up with the arrival rate: its utilisation
+  `rate * t(B) / B` is below `max_utilization`, and the p90 latency it would reach under that rate
+  at steady state (`steady_p90`: Kingman's approximation with a full batch as the job) is within
+  the bound too (the rate is ignored until the meter has seen half a window). The lowest level whose
+  predictions are within `headroom * slo` is the target. The steady-state check, not a fixed
+  utilisation cap, is what says how close to saturation a level may run: with a loose SLO a level
+  at 91% load serves well, with a tight one it does not, and a cap of 80-90% made the controller
+  jump to all-4-bit where a lower ratio met the SLO (and cost accuracy for nothing).
   If none is, the level that drains the queue fastest runs, or INT8 if that one beats INT8 by
   less than 2% (on a target where 4-bit is no faster, the CPU, overload does not cost accuracy for
   nothing); while a level is still unmeasured, the top level runs, which measures it.
 * **Hysteresis**: a higher target is taken at once (latency is at stake); a lower level is taken
-  only after it has met the stricter `down_headroom * slo` and `down_utilization` bounds on `down_after` consecutive
+  only after it has met the stricter `down_headroom * slo` (queued and steady-state predictions
+  both) and `down_utilization` bounds on `down_after` consecutive
   decisions spanning at least `down_hold_s` seconds, and then only down to the highest level that
   qualified during that window. Two thresholds plus a dwell time is what stops a steady load from
   flipping between two adjacent levels.
@@ -144,6 +151,8 @@ class RatioController:
     levels: the ratios the artifact serves (ascending after construction; 0.0 = INT8).
     slo_s: the latency objective (seconds) the controller aims the queued requests' latency at.
     max_batch: the serving loop's largest batch (samples).
+    max_wait_s: the loop's longest wait for a batch to fill; without it the steady-state prediction
+    leaves out the time a request waits for its batch to form (it cannot bound it at low rates).
     """
 
     levels: Sequence[float]
@@ -153,8 +162,9 @@ class RatioController:
     down_headroom: float = 0.5
     down_after: int = 8
     down_hold_s: Optional[float] = None        # default: 2 x SLO
-    max_utilization: float = 0.9
-    down_utilization: float = 0.8
+    max_utilization: float = 0.97
+    down_utilization: float = 0.95
+    max_wait_s: Optional[float] = None         # the loop's batching wait: bounds the batch-forming delay
     rate_window_s: Optional[float] = None      # arrival-rate window for the caller's RateMeter; default 25 x SLO
     alpha: float = 0.2
     keep_history: int = 0                      # >0: keep the last N decisions in `history`
@@ -184,6 +194,8 @@ class RatioController:
         if not 0 < self.down_utilization <= self.max_utilization <= 1:
             raise ControllerError(f"RatioController: need 0 < down_utilization ({self.down_utilization}) <= "
                                   f"max_utilization ({self.max_utilization}) <= 1")
+        if self.max_wait_s is not None and not (self.max_wait_s >= 0 and math.isfinite(self.max_wait_s)):
+            raise ControllerError(f"RatioController: max_wait_s must be a finite number >= 0, got {self.max_wait_s}")
         if self.rate_window_s is None:
             self.rate_window_s = 25.0 * self.slo_s
         if self.down_hold_s is None:
@@ -241,6 +253,30 @@ class RatioController:
             done += b
         return worst
 
+    def steady_p90(self, level: int, rate: float) -> Optional[float]:
+        """Predicted p90 latency (s) of a steady Poisson load of `rate` requests/s served at `level`
+        in full batches; inf when the level cannot keep up, None when it was never measured.
+
+        Kingman's G/D/1 approximation with one batch as the job: batches arrive with Erlang-B gaps
+        (squared coefficient of variation 1/B), service is deterministic, so the mean queueing
+        delay is rho / (1 - rho) * t(B) / (2B); its 90th percentile is taken as ln(10) times that
+        mean (an exponential tail). Add the batch's service time and, when the loop's `max_wait_s`
+        is known, the mean time a request waits for its batch to fill ((B-1) / 2 rate, at most
+        max_wait_s).
+        """
+        B = self.max_batch
+        tB = self.times.estimate(level, B)
+        if tB is None:
+            return None
+        if rate <= 0:
+            return tB
+        rho = rate * tB / B
+        if rho >= 1.0:
+            return math.inf
+        wait = rho / (1.0 - rho) * tB / (2.0 * B)
+        form = 0.0 if self.max_wait_s is None else min((B - 1) / (2.0 * rate), self.max_wait_s)
+        return tB + form + math.log(10.0) * wait
+
     def _qualifies(self, level: int, queue_len: int, queue_delay: float, rate: Optional[float],
                    bound: float, util: float) -> Tuple[bool, Optional[float]]:
         p = self.predict(level, queue_len, queue_delay)
@@ -251,6 +287,9 @@ class RatioController:
         if rate:
             tB = self.times.estimate(level, self.max_batch)
             if tB is not None and rate * tB / self.max_batch > util:
+                return False, p
+            s = self.steady_p90(level, rate)
+            if s is not None and s > bound:
                 return False, p
         return True, p
 

@@ -54,7 +54,8 @@ class ServingLoop:
             raise FlexiQError(f"max_wait_s must be >= 0, got {max_wait_s}")
         if levels is None:
             levels = sorted(set([0.0] + [float(r) for r in cm.plan.levels]))
-        self.controller = controller or RatioController(levels, slo_s, max_batch=self.max_batch)
+        self.controller = controller or RatioController(levels, slo_s, max_batch=self.max_batch,
+                                                            max_wait_s=self.max_wait_s)
         self.levels = list(self.controller.levels)
         self.clock = clock
         self.meter = RateMeter(self.controller.rate_window_s)
