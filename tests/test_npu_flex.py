@@ -8,6 +8,7 @@
   is chosen per ratio level and K4 selects it; spills are reported; a ratio switch is a cached
   integer-tensor swap.
 """
+import copy
 import time
 import warnings
 
@@ -60,6 +61,20 @@ def mobile(tmp_path_factory):
     return _mobile_block_model(tmp_path_factory.mktemp("mobile"), GraphBuilder)
 
 
+@pytest.fixture(scope="module")
+def mobile_plans(mobile):
+    """The mobile block's range plans (group_size 8), with bias rows (the default, recover=True) and
+    without, quantized once for the module; each test takes its own copy (`_plan`), so one test's
+    changes (plan.dynamic = True) cannot reach another."""
+    model, calib, _ = mobile
+    return {rec: fq.quantize(model, calib, search="range", group_size=8, recover=rec, progress=False)
+            for rec in (True, False)}
+
+
+def _plan(mobile_plans, recover):
+    return copy.deepcopy(mobile_plans[recover])
+
+
 def _compare(model, plan, x, counts_extra=()):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)          # no "drops the corrections" warning
@@ -77,9 +92,9 @@ def _compare(model, plan, x, counts_extra=()):
     return npu
 
 
-def test_default_plan_with_bias_rows_bit_exact(mobile):
+def test_default_plan_with_bias_rows_bit_exact(mobile, mobile_plans):
     model, calib, x = mobile
-    plan = fq.quantize(model, calib, search="range", group_size=8, progress=False)     # recover=True (default)
+    plan = _plan(mobile_plans, recover=True)                                          # the default plan
     assert plan.bias_correction, "the default plan should carry per-ratio bias corrections"
     npu = _compare(model, plan, x, counts_grid(plan, seed=5)[3:])
     st = npu.npu_stats()
@@ -91,11 +106,11 @@ def test_default_plan_with_bias_rows_bit_exact(mobile):
     assert not np.array_equal(y0, npu(x))
 
 
-def test_residual_add_and_relu6_stay_on_the_npu(mobile):
+def test_residual_add_and_relu6_stay_on_the_npu(mobile, mobile_plans):
     """ReLU6 (ONNX Clip -> maximum/minimum) fuses into its layer and the residual add and the
     global pool run on the vector unit, so the whole model is one NPU program with no host round trip."""
     model, calib, x = mobile
-    plan = fq.quantize(model, calib, search="range", group_size=8, recover=False, progress=False)
+    plan = _plan(mobile_plans, recover=False)
     vm, tgt = _build(model, plan)
     progs = list(tgt.programs.values())
     assert sum(1 for P in progs for A in P.adds if not A.pool) == 1
@@ -106,9 +121,9 @@ def test_residual_add_and_relu6_stay_on_the_npu(mobile):
     assert big.adds[0].onchip == [True, True]
 
 
-def test_dynamic_extraction_bit_exact(mobile):
+def test_dynamic_extraction_bit_exact(mobile, mobile_plans):
     model, calib, x = mobile
-    plan = fq.quantize(model, calib, search="range", group_size=8, progress=False)
+    plan = _plan(mobile_plans, recover=True)
     plan.dynamic = True
     plan = Plan.loads(plan.dumps())
     _compare(model, plan, x, counts_grid(plan, seed=6)[3:])
@@ -196,9 +211,9 @@ def test_cost_model_matches_simulator(tmp_path, graph, cin, cout, k, groups, cfg
             assert est <= min(estimate_cycles(L, c, emit_variant(L, 0, u, None), k4) for u in cands)
 
 
-def test_spills_reported_and_still_exact(mobile):
+def test_spills_reported_and_still_exact(mobile, mobile_plans):
     model, calib, x = mobile
-    plan = fq.quantize(model, calib, search="range", group_size=8, recover=False, progress=False)
+    plan = _plan(mobile_plans, recover=False)
     cfg = {"abuf_bytes": 0, "wbuf_bytes": 2048}
     npu = fq.compile(model, plan, target="npu", batch_size=2, npu_config=cfg)
     ref = fq.compile(model, plan, target="llvm", batch_size=2)
@@ -218,9 +233,9 @@ def test_spills_reported_and_still_exact(mobile):
     assert sum(l["dram_bytes"] for l in st2["layers"]) < sum(l["dram_bytes"] for l in st["layers"])
 
 
-def test_every_layer_gains_and_ratio_switch_is_integer_writes(mobile):
+def test_every_layer_gains_and_ratio_switch_is_integer_writes(mobile, mobile_plans):
     model, calib, x = mobile
-    plan = fq.quantize(model, calib, search="range", group_size=8, progress=False)
+    plan = _plan(mobile_plans, recover=True)
     npu = fq.compile(model, plan, target="npu", batch_size=1)
     tot = {}
     for r in (0.0, 1.0):

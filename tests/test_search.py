@@ -1,4 +1,6 @@
 """Channel selection: nesting, MAC accounting, determinism, and that the searches earn their keep."""
+import copy
+
 import numpy as np
 import pytest
 
@@ -27,15 +29,29 @@ def small_model(tmp_path_factory):
     return model, calib
 
 
+@pytest.fixture(scope="module")
+def searched(small_model):
+    """search -> the small model's plan for it (group_size 8, 32 search samples, 6 generations, no bias
+    correction), quantized once per module: test_levels_nested_and_mac_share[evolutionary] and
+    test_evolutionary_plan_reorders_groups_and_stays_bit_exact check the same plan. Read-only."""
+    model, calib = small_model
+    cache = {}
+
+    def get(search):
+        if search not in cache:
+            cache[search] = fq.quantize(model, calib, group_size=8, search=search, search_samples=32,
+                                        generations=6, recover=False, progress=False)
+        return cache[search]
+    return get
+
+
 def _level_counts(plan):
     return {r: plan.counts_for_prefix(p) for r, p in sorted(plan.levels.items())}
 
 
 @pytest.mark.parametrize("search", ["range", "sensitivity", "greedy", "evolutionary"])
-def test_levels_nested_and_mac_share(small_model, search):
-    model, calib = small_model
-    plan = fq.quantize(model, calib, group_size=8, search=search, search_samples=32, generations=6,
-                       recover=False, progress=False)
+def test_levels_nested_and_mac_share(searched, search):
+    plan = searched(search)
     counts = _level_counts(plan)
     assert counts[0.0].sum() == 0
     assert counts[1.0].tolist() == [l.n_groups for l in plan.layers]
@@ -59,10 +75,9 @@ def test_same_seed_same_plan_byte_for_byte(small_model, search):
     assert a.timings["quantize"] > 0 and "timings" not in a.dumps()
 
 
-def test_evolutionary_plan_reorders_groups_and_stays_bit_exact(small_model):
+def test_evolutionary_plan_reorders_groups_and_stays_bit_exact(small_model, searched):
     model, calib = small_model
-    plan = fq.quantize(model, calib, group_size=8, search="evolutionary", search_samples=32, generations=6,
-                       recover=False, progress=False)
+    plan = searched("evolutionary")
     vm = compile_with_taps(model, plan, batch_size=2)
     import tvm
     refs = [LayerReference(s, p) for s, p in zip(model.specs, plan.layers)]
@@ -78,12 +93,18 @@ def test_evolutionary_no_worse_than_its_seeds(demo_paths):
     from flexiq_tvm.calibrate.data import load_data
     from flexiq_tvm.search.fitness import OutputDistance
     from flexiq_tvm.quant.search import sets_from_schedule
+    from flexiq_tvm.search.driver import run_search
 
     model = fq.load_model(demo_paths["model"])
     x, _ = load_data(demo_paths["calib"], model)
     common = dict(group_size=8, search_samples=64, seed=0, recover=False, progress=False)
     rng_plan = fq.quantize(model, x, search="range", **common)
-    evo_plan = fq.quantize(model, x, search="evolutionary", generations=8, **common)
+    # fq.quantize(model, x, search="evolutionary", generations=8, **common) is this very plan: the same
+    # calibration and range plan (its seed), then the evolutionary search (recover=False: nothing after
+    # it). Searching a copy of the range plan spares a second calibration of 512 images.
+    evo_plan = copy.deepcopy(rng_plan)
+    run_search(model, evo_plan, x, "evolutionary", seed=0, samples=64, generations=8, progress=False)
+    assert evo_plan.meta["search"] == "evolutionary" and evo_plan.meta["search_generations"] == 8
     pick = np.sort(np.random.default_rng(0).choice(x.shape[0], size=256, replace=False))
     fit = OutputDistance(model, rng_plan, x[pick])
     r_sets = sets_from_schedule(rng_plan.schedule, rng_plan.levels[0.75], rng_plan.num_layers)

@@ -263,3 +263,47 @@ def test_tune_npu_dispatch(tiny, tmp_path):
     out = fq.tune(tiny["model"], tiny["plan"], target="npu", trials=1, db=str(tmp_path / "db"), progress=False)
     assert os.path.isdir(tmp_path / "db" / "npu")
     assert out is not None
+
+
+def test_tensor_intrinsics_import_without_the_stack_scans():
+    """`import_tensor_intrinsics` (run before MetaSchedule's TuneContext would import them) gives
+    TVMScript the same stack records `inspect.stack` would, and registers every intrinsic the
+    module names. Run in a fresh interpreter: in this one they may be imported already."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import inspect, sys, time
+        from flexiq_tvm.tuning.fast_import import _frame_stack, import_tensor_intrinsics
+
+        def inner(context):
+            return inspect.stack(context), _frame_stack(context)
+
+        def outer(context):
+            return inner(context)
+
+        for context in (0, 1, 3):
+            ref, got = outer(context)
+            assert len(ref) == len(got), (len(ref), len(got))
+            for r, g in zip(ref, got):
+                assert (r.frame, r.filename, r.lineno, r.function) == (g.frame, g.filename, g.lineno, g.function)
+                assert (r.code_context, r.index) == (g.code_context, g.index), (r, g)
+        saved = inspect.stack
+        assert "tvm.s_tir.tensor_intrin" not in sys.modules
+        t = time.perf_counter()
+        import_tensor_intrinsics()
+        took = time.perf_counter() - t
+        assert inspect.stack is saved                                  # the patch is undone
+        import tvm.s_tir.tensor_intrin as ti
+        from tvm.s_tir import TensorIntrin
+        names = [v for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith(ti.__name__)
+                 for k, v in vars(m).items() if k.endswith("_INTRIN") and isinstance(v, str)]
+        assert len(set(names)) > 100, len(set(names))
+        missing = [n for n in set(names) if TensorIntrin.get(n, allow_missing=True) is None]
+        assert not missing, missing[:5]
+        print(f"OK {len(set(names))} intrinsics in {took:.1f} s")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("OK")

@@ -106,6 +106,7 @@ def tune_module(mod, flexiq_target, db_dir: str, trials: int, *, model_name: str
     space was measured whole, is skipped); max_total_trials: an optional cap on this run."""
     from tvm.s_tir import meta_schedule as ms
 
+    from .fast_import import import_tensor_intrinsics
     from .progress import TrialProgress
     from .runner import make_builder, make_runner
     from .measure import measure_schedules
@@ -113,6 +114,7 @@ def tune_module(mod, flexiq_target, db_dir: str, trials: int, *, model_name: str
     from .tasks import extract_tasks
 
     t0 = time.perf_counter()
+    import_tensor_intrinsics()              # what TuneContext imports, without its 25-60 s stack scans
     tdb = TuningDB(db_dir, flexiq_target.tvm_target)
     tvm_target = search_target(flexiq_target.tvm_target)
     tasks = extract_tasks(mod, flexiq_target)
