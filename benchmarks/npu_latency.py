@@ -86,14 +86,20 @@ def _small_cnn(cache):
             y = torch.relu(a + b).mean((2, 3))
             return self.fc(y)
 
-    path = os.path.join(cache, "small_cnn.onnx")
+    return _export_random(Small, os.path.join(cache, "small_cnn.onnx"), (3, 16, 16), 32)
+
+
+def _export_random(make, path, sample_shape, n):
+    """Exports `make()` (seeded random weights) once, dynamic batch, opset 17; n random inputs."""
+    import torch
+
     if not os.path.exists(path):
         torch.manual_seed(0)
-        os.makedirs(cache, exist_ok=True)
-        torch.onnx.export(Small().eval(), torch.zeros(1, 3, 16, 16), path, dynamo=False, opset_version=17,
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.onnx.export(make().eval(), torch.zeros(1, *sample_shape), path, dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    x = np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((n,) + tuple(sample_shape)).astype(np.float32)
     return path, {"inputs": x}
 
 
@@ -134,15 +140,7 @@ def _vit_b(cache, depth=1):
             x = self.blocks(self.embed(x).flatten(2).transpose(1, 2))
             return self.head(self.norm(x).mean(1))
 
-    path = os.path.join(cache, f"vit_b16_depth{depth}.onnx")
-    if not os.path.exists(path):
-        torch.manual_seed(0)
-        os.makedirs(cache, exist_ok=True)
-        torch.onnx.export(ViTB().eval(), torch.zeros(1, 3, 224, 224), path, dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    x = np.random.default_rng(0).standard_normal((8, 3, 224, 224)).astype(np.float32)
-    return path, {"inputs": x}
+    return _export_random(ViTB, os.path.join(cache, f"vit_b16_depth{depth}.onnx"), (3, 224, 224), 8)
 
 
 def load_models(names, cache):
