@@ -200,36 +200,16 @@ def test_vit_dynamic_extraction_bit_exact(vit):
         assert np.array_equal(a, b), (r, float(np.abs(a - b).max()))
 
 
-def _lowered_programs(model, plan, npu_config):
-    """The NPU programs `fq.compile(..., target="npu")` would build (same partition and lowering)."""
-    import tvm
-
-    from flexiq_tvm.passes.flexiq_rewrite import flexiq_rewrite
-    from flexiq_tvm.quant.schedule import STANDARD_LEVELS
-    from flexiq_tvm.targets.npu import _feasible_layers
-    from flexiq_tvm.targets.npu.codegen import lower_function
-    from flexiq_tvm.targets.npu.config import NPUConfig
-    from flexiq_tvm.targets.npu.partition import partition
-
-    cfg = NPUConfig.from_any(npu_config)
-    mod = flexiq_rewrite(*model.at(1), plan, 1)
-    ok = _feasible_layers(mod, cfg)
-    mod = partition(mod, offload=lambda i: ok.get(i, False))
-    levels = [plan.counts_for_ratio(r) for r in STANDARD_LEVELS]
-    prims = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    return [lower_function(str(f.attrs.get("global_symbol", gv.name_hint)), f, prims, cfg, levels)
-            for gv, f in mod.functions_items()
-            if isinstance(f, relax.Function) and f.attrs is not None and "Codegen" in f.attrs]
-
-
 def test_chained_operands_stream_even_when_nothing_fits_the_abuf(vit, vit_ref):
     """A chained operator (the GELU's erf -> + 1 -> * x -> * 0.5, the `* 0.25` after Q K^T) takes
     its operand from the stage before it: that stream needs no ABUF space and no DRAM traffic, also
     when the float tensor does not fit the ABUF (here: an ABUF of 0 bytes). Before, such an operand
     was charged a DRAM write and read (a ViT-B-sized block's GELU tensor, 2.4 MB, went through DRAM
     at every stage of the chain)."""
+    from flexiq_tvm.targets.npu.tune import npu_programs
+
     model, plan, x = vit
-    progs = _lowered_programs(model, plan, {"abuf_bytes": 0})
+    progs, _ = npu_programs(model, plan, 1, {"abuf_bytes": 0})
     adds = [a for P in progs for a in P.adds]
     chained = [a for a in adds if a.chain]
     assert len(chained) >= 4 * 4, len(chained)         # per block: erf, + 1, * x, * 0.5 at least

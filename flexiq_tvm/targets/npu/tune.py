@@ -202,9 +202,10 @@ def search_layer(L, cfg: NPUConfig, k: int, trials: int, seed: int, space: Optio
 
 
 # ------------------------------------------------------------------------------------------ model
-def npu_layers(model, plan, batch_size: int = 1, npu_config=None):
-    """The NPU layers of `model` compiled with `plan` (as `fq.compile(..., target="npu")` lowers
-    them: same partition, same program wiring and ABUF allocation), without building anything."""
+def npu_programs(model, plan, batch_size: int = 1, npu_config=None):
+    """The NPU programs of `model` compiled with `plan` (as `fq.compile(..., target="npu")` lowers
+    them: same partition, same program wiring and ABUF allocation), without building anything;
+    returns (programs, config)."""
     import tvm
     from tvm import relax
 
@@ -219,12 +220,16 @@ def npu_layers(model, plan, batch_size: int = 1, npu_config=None):
     mod = partition(mod, offload=lambda i: ok.get(i, False))
     levels = [plan.counts_for_ratio(r) for r in STANDARD_LEVELS]
     prims = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
-    layers = []
-    for gv, f in mod.functions_items():
-        if isinstance(f, relax.Function) and f.attrs is not None and "Codegen" in f.attrs:
-            P = lower_function(str(f.attrs.get("global_symbol", gv.name_hint)), f, prims, cfg, levels)
-            layers.extend(P.layers)
-    return sorted(layers, key=lambda L: L.layer), cfg
+    programs = [lower_function(str(f.attrs.get("global_symbol", gv.name_hint)), f, prims, cfg, levels)
+                for gv, f in mod.functions_items()
+                if isinstance(f, relax.Function) and f.attrs is not None and "Codegen" in f.attrs]
+    return programs, cfg
+
+
+def npu_layers(model, plan, batch_size: int = 1, npu_config=None):
+    """The NPU layers of `model` compiled with `plan`, in layer order (see `npu_programs`)."""
+    programs, cfg = npu_programs(model, plan, batch_size, npu_config)
+    return sorted((L for P in programs for L in P.layers), key=lambda L: L.layer), cfg
 
 
 def tune_npu(model, plan, *, db_dir, trials: int = DEFAULT_TRIALS, levels: Optional[Sequence[float]] = None,
