@@ -264,10 +264,12 @@ class RatioController:
         is known, the mean time a request waits for its batch to fill ((B-1) / 2 rate, at most
         max_wait_s).
         """
+        tB = self.times.estimate(level, self.max_batch)
+        return None if tB is None else self._steady_p90(tB, rate)
+
+    def _steady_p90(self, tB: float, rate: float) -> float:
+        """steady_p90 from the level's full-batch service time `tB` (s)."""
         B = self.max_batch
-        tB = self.times.estimate(level, B)
-        if tB is None:
-            return None
         if rate <= 0:
             return tB
         rho = rate * tB / B
@@ -286,10 +288,7 @@ class RatioController:
             return False, p
         if rate:
             tB = self.times.estimate(level, self.max_batch)
-            if tB is not None and rate * tB / self.max_batch > util:
-                return False, p
-            s = self.steady_p90(level, rate)
-            if s is not None and s > bound:
+            if tB is not None and (rate * tB / self.max_batch > util or self._steady_p90(tB, rate) > bound):
                 return False, p
         return True, p
 

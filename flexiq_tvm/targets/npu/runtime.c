@@ -167,6 +167,30 @@ typedef struct {
   int32_t* exd;          /* dynamic extraction: [samples][n_groups] shifts */
 } npu_lstate_t;
 
+/* A result's consumers (a layer's or an operator's req / fadd lists, as npu_fan_out takes them):
+   DRAM bytes per element of the copies that do not stay on chip (1 per INT8 copy, 4 per float copy) */
+static inline int64_t npu_offchip_bytes_per_elem(const npu_program_t* P, int32_t n_req, const int32_t* req_layer,
+                                                 int32_t n_fadd, const int32_t* fadd) {
+  int64_t b = 0;
+  for (int c = 0; c < n_req; ++c) b += P->layers[req_layer[c]].in_onchip ? 0 : 1;
+  for (int c = 0; c < n_fadd; ++c) b += P->adds[fadd[c] / 2].onchip[fadd[c] % 2] ? 0 : 4;
+  return b;
+}
+
+/* consumer layers with dynamic extraction (each costs one more pass: its max tracking) */
+static inline int npu_dynamic_consumers(const npu_program_t* P, int32_t n_req, const int32_t* req_layer) {
+  int n = 0;
+  for (int c = 0; c < n_req; ++c) n += P->layers[req_layer[c]].dynamic;
+  return n;
+}
+
+/* the result is complete at cycle t: every consumer's input is ready no earlier */
+static inline void npu_consumers_ready(npu_lstate_t* ls, int64_t* add_ready, int32_t n_req, const int32_t* req_layer,
+                                       int32_t n_fadd, const int32_t* fadd, int64_t t) {
+  for (int c = 0; c < n_req; ++c) ls[req_layer[c]].in_ready = npu_max64(ls[req_layer[c]].in_ready, t);
+  for (int c = 0; c < n_fadd; ++c) add_ready[fadd[c] / 2] = npu_max64(add_ready[fadd[c] / 2], t);
+}
+
 static inline int32_t npu_shift_of(int32_t m, int is_unsigned) {
   static const int32_t ts[4] = {8, 16, 32, 64}, tu[4] = {16, 32, 64, 128};
   const int32_t* t = is_unsigned ? tu : ts;
@@ -422,10 +446,8 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
         npu_fan_out(P, qin, fin, A->n_req, A->req_layer, A->n_fadd, A->fadd, i, r[i]);
       if (!y) free(r);
       if (y) bytes += 4 * (int64_t)A->n;
-      for (int c = 0; c < A->n_req; ++c) bytes += P->layers[A->req_layer[c]].in_onchip ? 0 : A->n;
-      for (int c = 0; c < A->n_fadd; ++c) bytes += P->adds[A->fadd[c] / 2].onchip[A->fadd[c] % 2] ? 0 : 4 * (int64_t)A->n;
-      int n_dyn = 0;
-      for (int c = 0; c < A->n_req; ++c) n_dyn += P->layers[A->req_layer[c]].dynamic;
+      bytes += A->n * npu_offchip_bytes_per_elem(P, A->n_req, A->req_layer, A->n_fadd, A->fadd);
+      const int n_dyn = npu_dynamic_consumers(P, A->n_req, A->req_layer);
       /* one pass writes the result: the float tensor in the ABUF, read in place by every float
          consumer (a reshape / transpose / slice / concat is only the address pattern its
          consumers read with), and the first requantized INT8 copy; each further INT8 copy and
@@ -446,8 +468,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
       int64_t e = s0 + npu_max64(v, d);
       if (v) tc.vec_free = e;
       if (d) tc.dma_free = e;
-      for (int c = 0; c < A->n_req; ++c) ls[A->req_layer[c]].in_ready = npu_max64(ls[A->req_layer[c]].in_ready, e);
-      for (int c = 0; c < A->n_fadd; ++c) add_ready[A->fadd[c] / 2] = npu_max64(add_ready[A->fadd[c] / 2], e);
+      npu_consumers_ready(ls, add_ready, A->n_req, A->req_layer, A->n_fadd, A->fadd, e);
       add_end = npu_max64(add_end, e);
       add_dma += d; add_vec += v; add_bytes += bytes;   /* reported with the layer after the operator */
       continue;
@@ -481,10 +502,8 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
       int64_t bytes = 0;                     /* DRAM traffic: operands not on chip, host output, spilled copies */
       for (int k = 0; k < n_ops; ++k) bytes += A->onchip[k] ? 0 : 4 * n_in;
       if (y) bytes += 4 * (int64_t)A->n;
-      for (int c = 0; c < A->n_req; ++c) bytes += P->layers[A->req_layer[c]].in_onchip ? 0 : A->n;
-      for (int c = 0; c < A->n_fadd; ++c) bytes += P->adds[A->fadd[c] / 2].onchip[A->fadd[c] % 2] ? 0 : 4 * (int64_t)A->n;
-      int n_dyn = 0;
-      for (int c = 0; c < A->n_req; ++c) n_dyn += P->layers[A->req_layer[c]].dynamic;
+      bytes += A->n * npu_offchip_bytes_per_elem(P, A->n_req, A->req_layer, A->n_fadd, A->fadd);
+      const int n_dyn = npu_dynamic_consumers(P, A->n_req, A->req_layer);
       /* one pipelined pass over the inputs (the add, or the pool's running sums), one per further copy */
       int64_t v = npu_ceil_div(n_in, cfg->lanes) + npu_ceil_div(A->n, cfg->lanes) * (A->n_req + n_dyn + A->n_fadd);
       int64_t d = bytes ? cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw) : 0;
@@ -492,8 +511,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
       int64_t e = s0 + npu_max64(v, d);
       tc.vec_free = e;
       if (bytes) tc.dma_free = e;
-      for (int c = 0; c < A->n_req; ++c) ls[A->req_layer[c]].in_ready = npu_max64(ls[A->req_layer[c]].in_ready, e);
-      for (int c = 0; c < A->n_fadd; ++c) add_ready[A->fadd[c] / 2] = npu_max64(add_ready[A->fadd[c] / 2], e);
+      npu_consumers_ready(ls, add_ready, A->n_req, A->req_layer, A->n_fadd, A->fadd, e);
       add_end = npu_max64(add_end, e);
       add_dma += d; add_vec += v; add_bytes += bytes;   /* reported with the layer after the add */
       continue;
@@ -826,8 +844,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
             if (L->act) { if (y < L->act_lo) y = L->act_lo; if (y > L->act_hi) y = L->act_hi; }
             f[mi * m->olen + o] = y;
           }
-        int n_dyn = 0;                       /* dynamic consumers: max tracking while requantizing */
-        for (int c = 0; c < L->n_req; ++c) n_dyn += P->layers[L->req_layer[c]].dynamic;
+        const int n_dyn = npu_dynamic_consumers(P, L->n_req, L->req_layer);   /* max tracking while requantizing */
         /* the output stage is a pipeline (dequantize, bias, activation, requantize, write): one pass
          * writes the float result and the first copy; each further copy takes another pass, and a
          * dynamic consumer's max tracking one more */
@@ -863,10 +880,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
                 ++elems;
               }
             }
-        int n_off = 0;
-        for (int c = 0; c < L->n_req; ++c) n_off += !P->layers[L->req_layer[c]].in_onchip;
-        for (int c = 0; c < L->n_fadd; ++c) n_off += P->adds[L->fadd[c] / 2].onchip[L->fadd[c] % 2] ? 0 : 4;
-        int64_t bytes = elems * ((y ? 4 : 0) + n_off);
+        int64_t bytes = elems * ((y ? 4 : 0) + npu_offchip_bytes_per_elem(P, L->n_req, L->req_layer, L->n_fadd, L->fadd));
         int64_t s = npu_max64(tc.dma_free, tc.o_ready[b]);
         int64_t d = bytes ? cfg->dma_setup + npu_ceil_div(bytes, cfg->dma_bw) : 0;
         if (bytes) tc.dma_free = s + d;
@@ -881,11 +895,7 @@ static int npu_run(const npu_program_t* P, const unsigned char* blob, const npu_
         last_st = st;
         if (st) { st[3] += add_dma; st[4] += add_vec; st[14] += add_bytes; }
         add_dma = add_vec = add_bytes = 0;
-        for (int c = 0; c < L->n_fadd; ++c) add_ready[L->fadd[c] / 2] = npu_max64(add_ready[L->fadd[c] / 2], end);
-        for (int c = 0; c < L->n_req; ++c) {
-          npu_lstate_t* C = &ls[L->req_layer[c]];
-          C->in_ready = npu_max64(C->in_ready, end);
-        }
+        npu_consumers_ready(ls, add_ready, L->n_req, L->req_layer, L->n_fadd, L->fadd, end);
         prev_end = end;
         S->prefetched = 0; S->wflip = 0;
         pc = I[2] - 1;
