@@ -91,7 +91,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=float)
     ap.add_argument("--max-seconds", type=float, help="finetuning time budget per model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for finetuning (default 1)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the default plans (and of finetuning unless --ft-seed)")
+    ap.add_argument("--ft-seed", type=int, help="finetuning seed alone (the cached plans stay those of --seed)")
     ap.add_argument("--config", help="more FinetuneConfig fields as JSON, e.g. '{\"train_copies\": 1}'")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -105,7 +106,7 @@ def main(argv=None):
     kw = {k: v for k, v in (("method", args.method), ("epochs", args.epochs), ("lr", args.lr),
                             ("max_seconds", args.max_seconds)) if v is not None}
     kw.update(json.loads(args.config) if args.config else {})
-    cfg = FinetuneConfig(seed=args.seed, threads=args.threads, **kw)
+    cfg = FinetuneConfig(seed=args.seed if args.ft_seed is None else args.ft_seed, threads=args.threads, **kw)
     results = {}
     for name in args.models.split(","):
         model, calib, x, labels = load_case(name, work, args.seed)

@@ -74,13 +74,19 @@ def _data_source(path, args):
 def _finetune_config(args):
     """quantize's finetune argument from --finetune [--finetune-method --epochs --lr]."""
     if not getattr(args, "finetune", False):
-        if args.epochs is not None or args.lr is not None or args.finetune_method is not None:
-            raise SystemExit("flexiq quantize: --epochs / --lr / --finetune-method need --finetune")
+        if any(v is not None for v in (args.epochs, args.lr, args.finetune_method, args.finetune_rounding,
+                                       args.steps)):
+            raise SystemExit("flexiq quantize: --epochs / --lr / --steps / --finetune-method / --finetune-rounding "
+                             "need --finetune")
         return False
     from .search.finetune.config import FinetuneConfig
 
-    kw = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("method", args.finetune_method))
-          if v is not None}
+    method = args.finetune_method or "block"
+    rounding = args.finetune_rounding or ("learned" if method == "block" else "ste")
+    # --lr is the step size of whatever the rounding trains: the rounding variables or the INT8 codes
+    kw = {k: v for k, v in (("epochs", args.epochs), ("round_lr" if rounding == "learned" else "lr", args.lr),
+                            ("method", args.finetune_method), ("rounding", args.finetune_rounding),
+                            ("round_steps", args.steps)) if v is not None}
     try:
         return FinetuneConfig(seed=args.seed, **kw)
     except ValueError as e:
@@ -242,8 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "model on the calibration inputs (needs torch: pip install 'flexiq-tvm[torch]')")
     q.add_argument("--finetune-method", choices=["block", "model"], default=None,
                    help="block-wise reconstruction (default) or end-to-end distillation")
-    q.add_argument("--epochs", type=int, default=None, help="finetuning epochs (with --finetune)")
-    q.add_argument("--lr", type=float, default=None, help="finetuning step size of the INT8 codes (with --finetune)")
+    q.add_argument("--finetune-rounding", choices=["learned", "ste"], default=None,
+                   help="block method: learn each weight's 4-bit rounding (AdaRound; default) or move the INT8 "
+                   "codes by straight-through steps")
+    q.add_argument("--steps", type=int, default=None, help="learned rounding: optimiser steps per block (default 100)")
+    q.add_argument("--epochs", type=int, default=None, help="finetuning epochs (with --finetune; ste and model)")
+    q.add_argument("--lr", type=float, default=None,
+                   help="finetuning step size (with --finetune): of the rounding variables, or of the INT8 codes for ste")
     quant_opts(q)
     input_shape(q)
     common(q)

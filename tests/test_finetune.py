@@ -168,7 +168,7 @@ def test_finetune_options_keep_an_exact_plan(demo):
     from flexiq_tvm.search.finetune.qmodel import check_against_reference
 
     model, calib, plan, _ = demo
-    cfg = FinetuneConfig(method="block", epochs=1, holdout=0.25, seed=0, code_radius=1.0, train_copies=2,
+    cfg = FinetuneConfig(method="block", rounding="ste", epochs=1, holdout=0.25, seed=0, code_radius=1.0, train_copies=2,
                          ascale_lr=1e-3, final_epochs=1, level_power=0.5)
     tuned = finetune_plan(model, plan, calib, cfg, progress=False)
     rep = tuned.meta["finetune"]
@@ -189,6 +189,15 @@ def test_finetune_config_errors():
         fq.FinetuneConfig(train_copies=0)
     with pytest.raises(ValueError, match="code_radius"):
         fq.FinetuneConfig(code_radius=0)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        fq.FinetuneConfig(rounding="adaround")
+    with pytest.raises(ValueError, match="needs method='block'"):
+        fq.FinetuneConfig(rounding="learned", method="model")
+    with pytest.raises(ValueError, match="round_steps"):
+        fq.FinetuneConfig(round_steps=-1)
+    with pytest.raises(ValueError, match="code_radius bounds"):
+        fq.FinetuneConfig(code_radius=1.0)
+    assert fq.FinetuneConfig().rounding == "learned" and fq.FinetuneConfig(method="model").rounding == "ste"
     with pytest.raises(TypeError, match="finetune must be"):
         from flexiq_tvm.search.finetune.config import as_config
 
@@ -201,3 +210,76 @@ def test_cli_epochs_need_finetune(tmp_path):
     with pytest.raises(SystemExit, match="need --finetune"):
         main(["quantize", os.path.join(ASSETS, "fashion_cnn.onnx"), "--calib", os.path.join(ASSETS, "fashion_calib.npz"),
               "-o", str(tmp_path / "p.json"), "--epochs", "3"])
+
+
+def test_cli_finetune_flags_map_to_the_rounding_they_train():
+    from types import SimpleNamespace
+
+    from flexiq_tvm.cli import _finetune_config
+
+    base = dict(finetune=True, seed=3, epochs=None, lr=None, finetune_method=None, finetune_rounding=None, steps=None)
+    cfg = _finetune_config(SimpleNamespace(**{**base, "lr": 0.02, "steps": 7}))
+    assert (cfg.rounding, cfg.round_lr, cfg.round_steps, cfg.seed) == ("learned", 0.02, 7, 3)
+    cfg = _finetune_config(SimpleNamespace(**{**base, "lr": 0.2, "finetune_rounding": "ste", "epochs": 2}))
+    assert (cfg.rounding, cfg.lr, cfg.epochs) == ("ste", 0.2, 2)
+    assert _finetune_config(SimpleNamespace(**{**base, "finetune_method": "model"})).rounding == "ste"
+
+
+def test_learned_rounding_flips_4bit_codes_and_keeps_int8_codes_in_their_bucket(demo):
+    """rounding="learned" (AdaRound on the 4-bit codes): a weight's INT8 code changes only where its
+    4-bit code flipped, by one 4-bit step, and then to the code nearest the old one that has the new
+    4-bit code; the plan still matches the reference exactly. Checked with numpy's bit extraction."""
+    from flexiq_tvm.quant.bitextract import four_bit_code
+    from flexiq_tvm.search.finetune import FinetuneConfig, finetune_plan
+    from flexiq_tvm.search.finetune.qmodel import check_against_reference
+
+    model, calib, plan, _ = demo
+    cfg = FinetuneConfig(method="block", rounding="learned", round_steps=100, ascale_lr=1e-3, holdout=0.25,
+                         seed=0, augment=False)
+    tuned = finetune_plan(model, plan, calib, cfg, progress=False)
+    rep = tuned.meta["finetune"]
+    assert rep["kept"] and rep["heldout_after"][0.5] < rep["heldout_before"][0.5]
+    flipped = 0
+    for a, b, spec in zip(plan.layers, tuned.layers, model.specs):
+        old, new = a.int8_weight(spec.weight).astype(np.int64), b.int8_weight(spec.weight).astype(np.int64)
+        ew = np.take_along_axis(a.weight_shift, a.rank[spec.weight_input_channel()], axis=1)
+        e = ew.reshape(ew.shape + (1,) * (old.ndim - 2)) * np.ones_like(old)
+        c_old, c_new = four_bit_code(old, e, False), four_bit_code(new, e, False)
+        same = c_old == c_new
+        assert np.array_equal(old[same], new[same])
+        assert np.abs(c_new - c_old).max() <= 1
+        # a flipped code sits at the edge of its new bucket nearest the old code
+        f = ~same
+        flipped += int(f.sum())
+        for o, n_, ee, cn in zip(old[f], new[f], e[f], c_new[f]):
+            cands = np.arange(-127, 128)
+            ok = cands[four_bit_code(cands, np.full_like(cands, ee), False) == cn]
+            assert n_ == ok[np.argmin(np.abs(ok - o))]
+    assert flipped > 0
+    assert check_against_reference(model, tuned, calib[:3])["max_abs_diff"] == 0
+
+
+def test_torch_graph_reuses_its_constants_across_forward_passes():
+    """Each traversal of the Relax graph wraps the same constant nodes in new Python objects; the
+    constant cache is keyed by node, so repeated forward passes (thousands in a finetuning run) do
+    not grow it (it grew by one copy per constant per pass: MobileNetV2 ran out of 24 GiB)."""
+    from flexiq_tvm.search.finetune.graph import RelaxTorchGraph
+
+    model = fq.load_model(os.path.join(ASSETS, "fashion_vit.onnx"))   # layer norms, positions: constants
+    graph = RelaxTorchGraph(model)
+    specs = model.specs
+
+    def float_layer(i, x):
+        w, b = torch.tensor(specs[i].weight), torch.tensor(specs[i].bias)
+        if specs[i].op == "conv2d":
+            return torch.nn.functional.conv2d(x, w, b, specs[i].strides)
+        return x @ w.t() + b
+
+    x = torch.tensor(np.load(os.path.join(ASSETS, "fashion_calib.npz"))["inputs"][:2].astype(np.float32))
+    with torch.no_grad():
+        first = graph.run(x, float_layer)
+        n = len(graph._consts)
+        for _ in range(3):
+            again = graph.run(x, float_layer)
+    assert n > 0 and len(graph._consts) == n
+    assert torch.equal(first, again)

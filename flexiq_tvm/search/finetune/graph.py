@@ -63,12 +63,14 @@ class RelaxTorchGraph:
     # ---- values ----------------------------------------------------------------------------
     def _const(self, expr):
         torch, _ = _torch()
-        key = id(expr)
+        # keyed by the node, not the Python wrapper: every traversal wraps the same constant in a new
+        # object, so id() would grow this cache by one copy per constant per forward pass
+        key = expr.__chandle__()
         hit = self._consts.get(key)
         if hit is None:
             arr = np.asarray(self._const_value(expr))
             hit = torch.from_numpy(arr.copy()) if arr.ndim else torch.tensor(arr.item(), dtype=_torch_dtype(arr.dtype))
-            self._consts[key] = (expr, hit)     # keep expr alive: ids stay unique
+            self._consts[key] = (expr, hit)     # keep the node alive: its handle stays unique
             return hit
         return hit[1]
 

@@ -47,6 +47,22 @@ def lower_ste(q, scale_pow, lo: int, hi: int):
     return floor_half_ste(q / scale_pow).clamp(lo, hi) * scale_pow
 
 
+# AdaRound's rectified sigmoid: h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1), which reaches
+# exactly 0 and 1 (so the regulariser can settle every weight on one side) and is 0.5 at V = 0.
+ZETA, GAMMA = 1.1, -0.1
+
+
+def rect_sigmoid(v):
+    return (_t().sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def rect_sigmoid_inverse(h):
+    """V with rect_sigmoid(V) = h, for h in (0, 1)."""
+    torch = _t()
+    h = h.clamp(1e-4, 1 - 1e-4)
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
+
+
 def _bitlen(m):
     torch = _t()
     out = torch.zeros_like(m)
@@ -90,12 +106,63 @@ class QuantLayer:
         self.conv = spec.op == "conv2d"
         self.train_wscale = False
         self.train_ascale = False
+        self.round_v = None      # learned 4-bit rounding (enable_learned_rounding), else None
+
+    # ---- learned rounding ------------------------------------------------------------------
+    def enable_learned_rounding(self):
+        """Trains which way each weight's 4-bit code rounds (AdaRound), and derives the INT8 code from it.
+
+        The one stored INT8 code q must stand for both precisions: its 4-bit code is
+        clamp(floor(q / 2^e + 0.5), -8, 7), so choosing the 4-bit code q4 confines q to that code's
+        bucket [q4 2^e - 2^e/2, q4 2^e + 2^e/2 - 1] (unbounded at -8 and 7). The INT8 code is the
+        plan's code clamped into the chosen bucket: unchanged while the 4-bit code keeps its
+        rounding, moved to the bucket's edge when it flips. Plain straight-through steps on the INT8
+        code (the "ste" rounding) move a code by a fraction of a unit per step, while flipping a
+        4-bit code needs up to 2^(e-1) = 8 units; here the flip is one variable per weight, trained
+        soft and settled on 0 / 1 by AdaRound's annealed regulariser."""
+        torch = _t()
+        q0 = self.latent.detach().round().clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
+        pw = self.w_pow.reshape(self.w_pow.shape + (1,) * (q0.ndim - 2)).expand_as(q0).contiguous()
+        soft = q0 / pw
+        self.round_q0, self.round_pw = q0, pw
+        self.round_base = torch.floor(soft)
+        self.round_half_lo = torch.floor(pw / 2)            # bucket: [q4 pw - half_lo, q4 pw + half_hi]
+        self.round_half_hi = torch.ceil(pw / 2) - 1
+        self.round_v = rect_sigmoid_inverse(soft - self.round_base).requires_grad_(True)
+        self.round_up0 = self.round_v.detach() >= 0
+
+    def flipped_share(self) -> float:
+        """Share of the weights whose 4-bit code rounds the other way than the plan's."""
+        return float(((self.round_v.detach() >= 0) != self.round_up0).float().mean())
+
+    def round_h(self, soft: bool = True):
+        if soft:
+            return rect_sigmoid(self.round_v)
+        return (self.round_v.detach() >= 0).to(self.round_base.dtype)
+
+    def round_regulariser(self, beta: float):
+        """AdaRound's push toward 0 / 1: mean of 1 - |2h - 1|^beta."""
+        h = rect_sigmoid(self.round_v)
+        return (1 - (2 * h - 1).abs().pow(beta)).mean()
+
+    def _learned_codes(self, soft: bool):
+        """(4-bit operand value q4 2^e, INT8 code) per weight, soft or settled."""
+        torch = _t()
+        q4 = (self.round_base + self.round_h(soft)).clamp(-8, 7)
+        q4_hard = (self.round_base + self.round_h(False)).clamp(-8, 7)
+        pw = self.round_pw
+        lo = torch.where(q4_hard <= -8, torch.full_like(pw, -WEIGHT_QMAX), q4 * pw - self.round_half_lo)
+        hi = torch.where(q4_hard >= 7, torch.full_like(pw, WEIGHT_QMAX), q4 * pw + self.round_half_hi)
+        q8 = torch.maximum(torch.minimum(self.round_q0, hi), lo).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
+        if not soft:
+            q8 = q8.round()
+        return q4 * pw, q8
 
     # ---- parameters ----------------------------------------------------------------------
     def parameters(self, codes=True, wscale=False, ascale=False, bias=False) -> List:
         out = []
         if codes:
-            out.append(self.latent)
+            out.append(self.latent if self.round_v is None else self.round_v)
         if wscale:
             out.append(self.log_wscale)
         if ascale:
@@ -106,6 +173,9 @@ class QuantLayer:
 
     def codes(self) -> np.ndarray:
         """The INT8 codes the latent weights round to."""
+        if self.round_v is not None:
+            with _t().no_grad():
+                return self._learned_codes(soft=False)[1].numpy().astype(np.int8)
         return np.clip(np.rint(self.latent.detach().numpy()), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
 
     def weight_scale(self) -> np.ndarray:
@@ -140,6 +210,8 @@ class QuantLayer:
         return pw.reshape(pw.shape + (1,) * (q.ndim - 2)) if self.conv else pw.reshape(
             (pw.shape[0],) + (1,) * (q.ndim - 2) + (C,))
 
+    soft_rounding = False    # learned rounding: train with soft h (True) or evaluate settled codes
+
     def forward(self, x, k: int, level: Optional[float] = None, exact: bool = False):
         """Layer output with its first `k` groups in 4-bit; `level` picks the bias delta (None:
         no correction). exact=True: float64 integer arithmetic (for checks), no gradients needed."""
@@ -149,13 +221,18 @@ class QuantLayer:
         q = floor_half_ste(x / s_x).clamp(self.a_lo, self.a_hi)
         if exact:
             q = torch.floor(x / s_x + 0.5).clamp(self.a_lo, self.a_hi)   # the kernels' float32 rounding
-        q_w = round_ste(self.latent).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
+        if self.round_v is not None:
+            w4, q_w = self._learned_codes(self.soft_rounding and not exact)
+        else:
+            q_w = round_ste(self.latent).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
         if k > 0:
             low_c = self._chan(self.rank < k, q.ndim)
             q = torch.where(low_c, lower_ste(q, self.act_shift_pow(q), self.x4_lo, self.x4_hi), q)
             low_w = (self.w_rank < k).reshape(self.w_rank.shape + (1,) * (q_w.ndim - 2))
-            pw = self.w_pow.reshape(self.w_pow.shape + (1,) * (q_w.ndim - 2))
-            q_w = torch.where(low_w, lower_ste(q_w, pw, -8, 7), q_w)
+            if self.round_v is None:
+                pw = self.w_pow.reshape(self.w_pow.shape + (1,) * (q_w.ndim - 2))
+                w4 = lower_ste(q_w, pw, -8, 7)
+            q_w = torch.where(low_w, w4, q_w)
         q, q_w = q.to(dt), q_w.to(dt)
         if self.conv:
             s = self.spec

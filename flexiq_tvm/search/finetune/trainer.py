@@ -185,6 +185,8 @@ def finetune_plan(model, plan: Plan, calib, cfg: FinetuneConfig, progress: bool 
         l.train_wscale = cfg.scale_lr > 0
         l.train_ascale = cfg.ascale_lr > 0
         l.latent0 = l.latent.detach().clone()
+        if cfg.rounding == "learned":
+            l.enable_learned_rounding()
     with torch.no_grad():
         t_hold = torch.cat([qm.teacher(xb) for xb in _batches(x_hold, 16)]) if hold_idx.size else None
     eval_x = x_hold if hold_idx.size else x_train
@@ -233,7 +235,9 @@ def finetune_plan(model, plan: Plan, calib, cfg: FinetuneConfig, progress: bool 
 def _optimizer(qm: QuantModel, cfg: FinetuneConfig, layers=None):
     torch = _torch()
     layers = qm.layers if layers is None else [qm.layers[i] for i in layers]
-    groups = [{"params": [l.latent for l in layers], "lr": cfg.lr}]
+    learned = cfg.rounding == "learned"
+    groups = [{"params": [p for l in layers for p in l.parameters(codes=True)],
+               "lr": cfg.round_lr if learned else cfg.lr}]
     if cfg.scale_lr > 0:
         groups.append({"params": [l.log_wscale for l in layers], "lr": cfg.scale_lr})
     if cfg.ascale_lr > 0:
@@ -334,6 +338,15 @@ def _blocks(qm: QuantModel, min_layers: int):
     return [b for b in blocks if g.layers_between(*b)] or [(0, len(g.bindings))]
 
 
+def _anneal_beta(step: int, total: int, warmup: float, start: float = 20.0, end: float = 2.0):
+    """AdaRound's regulariser exponent: None during the warm-up share of the steps, then from
+    `start` (only h near 0.5 is pushed) down to `end` (every h pushed to 0 or 1)."""
+    w = int(warmup * total)
+    if step <= w:
+        return None
+    return start - (start - end) * (step - w) / max(1, total - w)
+
+
 def _run_block(qm, start, stop, x, layer_fn):
     g = qm.graph
     entry = g.param if start == 0 else g.bindings[start - 1].var
@@ -365,8 +378,9 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
     steps_per_epoch = max(1, math.ceil((steps_n or n) / cfg.batch_size))
     per_block = []
     total_steps = 0
-    bar = tqdm(total=len(blocks) * cfg.epochs * steps_per_epoch, desc="finetune (blocks)", disable=not progress,
-               leave=False)
+    learned = cfg.rounding == "learned"
+    block_steps = cfg.round_steps if learned and cfg.round_steps else cfg.epochs * steps_per_epoch
+    bar = tqdm(total=len(blocks) * block_steps, desc="finetune (blocks)", disable=not progress, leave=False)
     for b, (start, stop) in enumerate(blocks):
         layer_ids = g.layers_between(start, stop)
         last = stop == len(g.bindings)
@@ -391,28 +405,40 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
             return vals if per_level else weighted(vals, norm)
 
         opt, params = _optimizer(qm, cfg, layer_ids)
+        t_block = time.perf_counter()
         deadline = None
         if cfg.max_seconds:
             # the time left, shared equally by the blocks still to train
             deadline = time.perf_counter() + max(0.0, cfg.max_seconds - (time.perf_counter() - t0)) / (len(blocks) - b)
-        total = cfg.epochs * steps_per_epoch
+        block_layers = [qm.layers[i] for i in layer_ids]
+        total = block_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
         init = heldout(per_level=True)
         norm = level_weights(init, cfg.level_power)
         first = heldout()
-        state = _State(params, first, cfg.patience, min_delta=1e-7)
-        hist, stopped = [], "epochs"
-        eval_every = cfg.eval_every or steps_per_epoch
+        # learned rounding settles gradually (the regulariser's annealing): no early stop, the best
+        # settled state seen at the evaluations is kept
+        state = _State(params, first, 10 ** 9 if learned else cfg.patience, min_delta=1e-7)
+        hist, stopped = [], "epochs" if not learned else "steps"
+        eval_every = cfg.eval_every or (max(1, total // 8) if learned else steps_per_epoch)
         step = 0
         if True:
             for step in range(1, total + 1):
                 idx = torch.randint(0, n, (min(cfg.batch_size, n),), generator=gen)
                 opt.zero_grad()
                 lv = 0.0
+                for l in block_layers:
+                    l.soft_rounding = learned
                 for r in _pick_levels(levels, cfg.levels_per_step, gen):
                     loss = loss_on(q_tr[r][idx], t_tr[idx], r)
                     (loss * norm[r]).backward()
                     lv += float(loss.detach())
+                beta = _anneal_beta(step, total, cfg.round_warmup)
+                if learned and beta is not None:
+                    reg = cfg.round_reg * sum(l.round_regulariser(beta) for l in block_layers)
+                    reg.backward()
+                for l in block_layers:
+                    l.soft_rounding = False
                 opt.step()
                 _clamp_codes([qm.layers[i] for i in layer_ids], cfg.code_radius)
                 sched.step()
@@ -429,7 +455,9 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
             state.restore()
         total_steps += step
         per_block.append({"layers": [qm.layers[i].spec.name for i in layer_ids], "steps": step,
-                          "heldout_before": init, "heldout_rel_after": state.best_loss, "stopped": stopped})
+                          "heldout_before": init, "heldout_rel_after": state.best_loss, "stopped": stopped,
+                          "seconds": round(time.perf_counter() - t_block, 1),
+                          **({"flipped": [round(l.flipped_share(), 4) for l in block_layers]} if learned else {})})
         bar.set_postfix(block=f"{b + 1}/{len(blocks)}", heldout=f"{first:.4f}->{state.best_loss:.4f}")
         if not last:
             with torch.no_grad():
