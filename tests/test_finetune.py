@@ -35,6 +35,8 @@ def test_heldout_loss_tracked_and_lowered_at_half(demo):
     model, calib, plan, tuned = demo
     rep = tuned.meta["finetune"]
     assert rep["kept"] and rep["heldout_samples"] == 40 and rep["train_samples"] == 120
+    # keep_int8 (default): a kept plan is not worse at INT8 on the held-out inputs
+    assert not rep["int8_worse"] and rep["heldout_after"][0.0] <= 1.1 * rep["heldout_before"][0.0]
     assert set(rep["heldout_before"]) == set(rep["heldout_after"]) == set(plan.levels)
     assert all(b["steps"] >= 1 and set(b["heldout_before"]) == set(plan.levels) for b in rep["blocks"])
     # the distillation loss at ratio 0.5 on the held-out inputs, recomputed independently of the report
