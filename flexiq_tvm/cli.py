@@ -72,23 +72,26 @@ def _data_source(path, args):
 
 
 def _finetune_config(args):
-    """quantize's finetune argument from --finetune [--finetune-method --epochs --lr]."""
+    """quantize's finetune argument from --finetune [--finetune-method --finetune-rounding --steps
+    --epochs --lr]."""
     if not getattr(args, "finetune", False):
         if any(v is not None for v in (args.epochs, args.lr, args.finetune_method, args.finetune_rounding,
                                        args.steps)):
             raise SystemExit("flexiq quantize: --epochs / --lr / --steps / --finetune-method / --finetune-rounding "
                              "need --finetune")
         return False
+    from dataclasses import replace
+
     from .search.finetune.config import FinetuneConfig
 
-    method = args.finetune_method or "block"
-    rounding = args.finetune_rounding or ("learned" if method == "block" else "ste")
-    # --lr is the step size of whatever the rounding trains: the rounding variables or the INT8 codes
-    kw = {k: v for k, v in (("epochs", args.epochs), ("round_lr" if rounding == "learned" else "lr", args.lr),
-                            ("method", args.finetune_method), ("rounding", args.finetune_rounding),
-                            ("round_steps", args.steps)) if v is not None}
+    kw = {k: v for k, v in (("epochs", args.epochs), ("method", args.finetune_method),
+                            ("rounding", args.finetune_rounding), ("round_steps", args.steps)) if v is not None}
     try:
-        return FinetuneConfig(seed=args.seed, **kw)
+        cfg = FinetuneConfig(seed=args.seed, **kw)
+        if args.lr is not None:
+            # --lr is the step size of whatever the rounding trains: the rounding variables or the INT8 codes
+            cfg = replace(cfg, **{"round_lr" if cfg.rounding == "learned" else "lr": args.lr})
+        return cfg
     except ValueError as e:
         raise SystemExit(f"flexiq quantize: {e}") from None
 
