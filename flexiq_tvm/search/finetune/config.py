@@ -50,23 +50,22 @@ class FinetuneConfig:
         accumulate; 0: none.
     ascale_lr: Adam step size of the log activation scales (LSQ-like; 0: fixed, the plan's).
     rounding: how the INT8 codes are trained. None: "learned" for "block", "ste" for "model".
-        "ste": the latent INT8 codes move by
-        straight-through steps of `lr` code units. "learned": AdaRound on the 4-bit codes: one soft
-        up/down variable per weight decides its 4-bit code, the INT8 code is the plan's code clamped
-        into that 4-bit code's bucket (so it moves only where the 4-bit code flips), and an annealed
-        regulariser settles every variable on 0 or 1 (see QuantLayer.enable_learned_rounding).
-        Measured on MobileNetV2 (benchmarks/README.md, two seeds): lower KL to FP32 at ratios 0.5 and
-        0.75 than "ste" (0.406 / 0.909 against 0.436 / 0.926, mean of the seeds), by less than the
-        seed-to-seed swing.
+        "ste": the latent INT8 codes move by straight-through steps of `lr` code units. "learned":
+        AdaRound on the 4-bit codes: one soft up/down variable per weight decides its 4-bit code, the
+        INT8 code is the plan's code clamped into that 4-bit code's bucket (so it moves only where the
+        4-bit code flips), and an annealed regulariser settles every variable on 0 or 1 (see
+        QuantLayer.enable_learned_rounding). Measured on MobileNetV2 (benchmarks/README.md, two
+        seeds): KL to FP32 at ratios 0.5 / 0.75 of 0.412 / 0.918 against "ste"'s 0.436 / 0.926 (mean
+        of the seeds), less than the seed-to-seed swing: a tie, decided by the invariants.
     round_steps: "learned": optimiser steps per block (0: epochs x steps per epoch).
     round_lr: "learned": Adam step size of the rounding variables.
     round_reg: "learned": weight of AdaRound's regulariser (per layer, mean over its weights).
     round_warmup: "learned": share of the steps before the regulariser starts.
     keep_int8: a block's state whose held-out loss at INT8 (ratio 0) is more than 10% above the
         block's starting one is never kept, and the finetuned plan is dropped if the model's held-out
-        INT8 loss rose by more than 10%:
-        the weighted mean alone let the higher levels buy their gains with INT8 (MobileNetV2 with
-        two more calibration photos: held-out INT8 KL 0.026 -> 0.053 while the mean fell).
+        INT8 loss rose by more than 10%: the weighted mean alone let the higher levels buy their gains
+        with INT8 (MobileNetV2 with two more calibration photos: held-out INT8 KL 0.026 -> 0.053 while
+        the mean fell).
     """
 
     method: str = "block"
