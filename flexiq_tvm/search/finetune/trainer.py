@@ -57,6 +57,11 @@ def augment_images(x, gen):
 # rejected every improvement; the failure it guards against doubled the loss)
 INT8_SLACK = 0.1
 
+def worse_at_int8(before: Dict[float, float], after: Dict[float, float]) -> bool:
+    """keep_int8's test: the held-out INT8 loss rose by more than INT8_SLACK (False without an INT8 level)."""
+    return 0.0 in before and after[0.0] > before[0.0] * (1 + INT8_SLACK)
+
+
 FLOOR = 0.1   # a level's loss weight is 1 / max(its initial loss, FLOOR * the mean initial loss)
 
 
@@ -221,7 +226,7 @@ def finetune_plan(model, plan: Plan, calib, cfg: FinetuneConfig, progress: bool 
     mean_b, mean_a = weighted(before, guard), weighted(after, guard)
     report["heldout_weighted_before"], report["heldout_weighted_after"] = mean_b, mean_a
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    int8_worse = cfg.keep_int8 and 0.0 in before and after[0.0] > before[0.0] * (1 + INT8_SLACK)
+    int8_worse = cfg.keep_int8 and worse_at_int8(before, after)
     report["int8_worse"] = bool(int8_worse)
     if mean_a >= mean_b or int8_worse:
         # the guard: finetuning made the held-out loss worse (in all, or at INT8 with keep_int8), keep
@@ -404,14 +409,14 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
             y = _run_block(qm, start, stop, qx, qm.layer_fn(r))
             return output_loss(tgt, y, logits)
 
-        def heldout(per_level=False):
+        def heldout():
             with torch.no_grad():
                 vals = {}
                 for r in levels:
                     ys = torch.cat([_run_block(qm, start, stop, xb, qm.layer_fn(r))
                                     for xb in _batches(q_ev[r], 16)])
                     vals[r] = float(output_loss(t_ev, ys, logits))
-            return vals if per_level else weighted(vals, norm)
+            return vals
 
         opt, params = _optimizer(qm, cfg, layer_ids)
         t_block = time.perf_counter()
@@ -422,9 +427,9 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
         block_layers = [qm.layers[i] for i in layer_ids]
         total = block_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-        init = heldout(per_level=True)
+        init = heldout()
         norm = level_weights(init, cfg.level_power)
-        first = heldout()
+        first = weighted(init, norm)
         # learned rounding settles gradually (the regulariser's annealing): no early stop, the best
         # settled state seen at the evaluations is kept
         state = _State(params, first, 10 ** 9 if learned else cfg.patience, min_delta=1e-7)
@@ -449,14 +454,14 @@ def _train_blocks(qm, x_train, x_eval, cfg, progress, t0, steps_n=None):
                 for l in block_layers:
                     l.soft_rounding = False
                 opt.step()
-                _clamp_codes([qm.layers[i] for i in layer_ids], cfg.code_radius)
+                _clamp_codes(block_layers, cfg.code_radius)
                 sched.step()
                 bar.update(1)
                 if step % eval_every == 0 or step == total:
-                    vals = heldout(per_level=True)
+                    vals = heldout()
                     h = weighted(vals, norm)
                     hist.append(h)
-                    if cfg.keep_int8 and 0.0 in vals and vals[0.0] > init[0.0] * (1 + INT8_SLACK):
+                    if cfg.keep_int8 and worse_at_int8(init, vals):
                         h = math.inf      # never keep a state that is worse at INT8 on the held-out inputs
                     if state.offer(h):
                         stopped = "heldout loss stopped improving"
