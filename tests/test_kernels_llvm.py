@@ -162,6 +162,9 @@ CONV_CASES = [
     # big enough for the multi-threaded code paths (conv >= 2M MACs, quantize >= 256k elems)
     (3, 32, 28, 28, 32, 3, 3, 1, 1, 1, 1, False),
     (3, 64, 56, 56, 64, 3, 3, 1, 1, 1, 64, True),
+    # stride-2 depthwise as column pairs (uint16 words): even padded width, dilation 2; odd width
+    (1, 12, 8, 10, 12, 3, 3, 2, 1, 2, 12, True),
+    (2, 16, 7, 7, 16, 3, 3, 2, 0, 1, 16, True),
 ]
 
 
@@ -227,6 +230,12 @@ def test_conv_pipeline_bit_exact(case):
     fvar = fc.rebuild_kernel(fcv, full_rows=True, act=act)
     assert bool(fvar.attrs["flexiq.full_rows"]) == (groups == C == O and st > 1 and KW > 1)
     mvar = build(fvar, "cv")
+    # stride 2 over an "OIHWo" weight: the input read as uint16 column pairs (the quantize kernel
+    # pads an odd row with one zero column); any other conv keeps its form
+    fpair = fc.rebuild_kernel(fcv, pair_cols=True, act=act)
+    paired = bool(fpair.attrs.get("flexiq.pair_cols", False))
+    assert paired == (layout == "OIHWo" and st == 2), (layout, st)
+    mpair = build(fpair, "cp") if paired else None
     w_pre = fc.prepack_weight(w, groups)
     np.testing.assert_array_equal(w_pre, blocked(w, ob, layout))
     qdt = "uint8" if unsigned else "int8"
@@ -258,6 +267,65 @@ def test_conv_pipeline_bit_exact(case):
         _check_epilogue(y, y_ref, acc_ref, scale[None, :, None, None], bias[None, :, None, None])
         yv = run(mvar, [q, wl, scale, bias], (N, O, OH, OW), "float32")
         np.testing.assert_array_equal(yv, np.clip(y_ref, act[0], act[1]), err_msg=f"fused activation k={k}")
+        if paired:
+            q_even = np.zeros((N, C, Hp, Wp + Wp % 2), qdt)
+            q_even[..., :Wp] = q
+            yp = run(mpair, [q_even.view(np.uint16), wl, scale, bias], (N, O, OH, OW), "float32")
+            np.testing.assert_array_equal(yp, np.clip(y_ref, act[0], act[1]), err_msg=f"column pairs k={k}")
+
+
+# (N, C, H, W, O, conv input signed?, reader unsigned?, reader pad): 1x1 spatial-lanes convs
+REQUANT_CASES = [(2, 16, 8, 8, 32, True, True, (1, 1, 1, 1)), (1, 12, 4, 12, 16, False, False, (0, 0, 0, 0)),
+                 (1, 24, 16, 16, 48, True, True, (1, 1, 1, 2)),
+                 (2, 64, 32, 32, 32, True, True, (1, 1, 1, 1))]   # >= 2M MACs: threaded
+
+
+@pytest.mark.parametrize("case", REQUANT_CASES, ids=[f"rq{i}" for i in range(len(REQUANT_CASES))])
+def test_conv_requant_epilogue_writes_the_readers_codes(case):
+    """compute.conv2d_int8(requant=...) (passes.fuse_requant): the 1x1 conv's epilogue writes the
+    next layer's INT8 codes, run-time low channels lowered, border zero; checked against numpy's
+    conv, epilogue and quantize rule, and against the float kernel followed by quantize_act."""
+    N, C, H, W, O, signed_in, unsigned, pad = case
+    rng = np.random.default_rng(sum(case[:5]))
+    L, li = 3, 2
+    n_groups = 4
+    s_q = float(rng.uniform(0.02, 0.08))
+    CB = -(-C // 4)
+    xb = rng.integers(0, 256, size=(N, CB, H * W, 4)).astype(np.uint8)       # packed input bytes
+    w = rng.integers(-127, 128, size=(O, C, 1, 1)).astype(np.int8)
+    scale = rng.uniform(1e-4, 1e-3, size=O).astype(np.float32)
+    bias = rng.normal(size=O).astype(np.float32)
+    rank = make_rank(rng, O, n_groups)
+    shift = rng.integers(0, 5, size=O).astype(np.int32)
+    act = (0.0, 6.0) if unsigned else (-4.0, None)
+    geo = dict(unsigned=not signed_in, layout="OIHWo4i", ob=16, packed_input=True, spatial_lanes=True, act=act)
+    fy = fc.conv2d_int8((N, C, H, W), (O, C, 1, 1), **geo)
+    fr = fc.conv2d_int8((N, C, H, W), (O, C, 1, 1), **geo,
+                        requant=dict(scale=s_q, unsigned=unsigned, pad=pad, layer_index=li, num_layers=L))
+    assert [str(p.name) for p in fr.params] == ["qx", "w_l", "scale", "bias", "counts", "rank", "shift", "q"]
+    tvm.ir.assert_structural_equal(fc.rebuild_kernel(fr), fr)      # the variant reads back whole
+    fq_ = fc.quantize_act((N, O, H, W), 1, pad, s_q, unsigned, li, L)
+    my, mr, mq = build(fy, "y"), build(fr, "r"), build(fq_, "qa")
+    # numpy: unpack the bytes (signed codes carry +128), 1x1 conv, epilogue, clip, quantize
+    xv = xb.astype(np.int64).transpose(0, 1, 3, 2).reshape(N, CB * 4, H, W)[:, :C] - (128 if signed_in else 0)
+    acc = np.einsum("nchw,oc->nohw", xv, w[:, :, 0, 0].astype(np.int64))
+    y_ref = acc.astype(np.float32) * scale[None, :, None, None] + bias[None, :, None, None]
+    y_ref = np.maximum(y_ref, np.float32(act[0]))
+    if act[1] is not None:
+        y_ref = np.minimum(y_ref, np.float32(act[1]))
+    wl = blocked(w, 16, "OIHWo4i")
+    y = run(my, [xb, wl, scale, bias], (N, O, H, W), "float32")
+    np.testing.assert_array_equal(y, y_ref)
+    t, l, b, r = pad
+    qshape = (N, O, H + t + b, W + l + r)
+    qdt = "uint8" if unsigned else "int8"
+    for k in k_values(rng, n_groups):
+        counts = rng.integers(0, n_groups + 1, size=L).astype(np.int32)
+        counts[li] = k
+        q_ref = ref_quantize_act(y_ref, s_q, unsigned, rank, shift, k, 1, pad)
+        q = run(mr, [xb, wl, scale, bias, counts, rank, shift], qshape, qdt)
+        np.testing.assert_array_equal(q.astype(np.int64), q_ref, err_msg=f"requant k={k}")
+        np.testing.assert_array_equal(q, run(mq, [y, counts, rank, shift], qshape, qdt), err_msg=f"k={k}")
 
 
 # The float epilogue y = f32(acc) * scale + bias must be BIT-EXACT vs numpy (two roundings):

@@ -1,5 +1,5 @@
-"""The llvm deployment rewrites (targets/llvm.py `prepare`): strided depthwise kernels over full
-rows, ReLU / ReLU6 folded into the layer epilogues, weights lowered once per ratio change. Each
+"""The llvm deployment rewrites (targets/llvm.py `prepare`): stride-2 depthwise kernels over
+column pairs, 1x1 convs writing the next layer's codes, ReLU / ReLU6 folded into the layer epilogues, weights lowered once per ratio change. Each
 must leave the artifact's outputs identical, bit for bit, to the plain build at every ratio."""
 import numpy as np
 import pytest
@@ -61,8 +61,15 @@ def test_prepared_module_structure(mobile):
     acts = [f for f in kernels.values() if "flexiq.act_lo" in f.attrs]
     assert len(acts) == 5
     assert sum(float(f.attrs["flexiq.act_hi"]) == 6.0 for f in acts if str(f.attrs["flexiq.act_hi"]) != "none") == 4
-    full = [f for f in kernels.values() if int(f.attrs.get("flexiq.full_rows", 0))]
-    assert len(full) == 1 and int(full[0].attrs["flexiq.groups"]) == 48
+    # the stride-2 depthwise conv reads its input as uint16 column pairs (passes.pair_strided_input)
+    pairs = [f for f in kernels.values() if int(f.attrs.get("flexiq.pair_cols", 0))]
+    assert len(pairs) == 1 and int(pairs[0].attrs["flexiq.groups"]) == 48
+    assert not any(int(f.attrs.get("flexiq.full_rows", 0)) for f in kernels.values())
+    # both 1x1 expansions (16x16 and 8x8 planes: spatial lanes) write the depthwise convs' codes
+    # (passes.fuse_requant); no float map goes from them to a quantize kernel
+    rq = {n: f for n, f in kernels.items() if "flexiq.requant_scale" in f.attrs}
+    assert len(rq) == 2 and all(int(f.attrs["flexiq.spatial_lanes"]) for f in rq.values()), list(kernels)
+    assert sorted(int(f.attrs["flexiq.requant_layer_index"]) for f in rq.values()) == [2, 5]
     # the weights are lowered by flexiq_lower_weights only, and main takes them as its last input
     assert LOWER_WEIGHTS_FUNC == compiled.LOWER_WEIGHTS_FUNC
     lower_fn = mod[LOWER_WEIGHTS_FUNC]
@@ -89,6 +96,34 @@ def test_deploy_build_bit_exact_with_plain_build(mobile):
     for counts in counts_grid(plan, seed=3):
         plain.set_counts(counts), deploy.set_counts(counts)
         np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+
+
+def test_stride2_depthwise_over_an_odd_padded_width(tmp_path):
+    """A 29x29 input: the stride-2 depthwise conv's padded input is 17 columns wide, so its
+    quantize kernel writes one more zero column to make whole uint16 words; the deployment build
+    stays bit-exact with the plain one."""
+    from conftest import GraphBuilder
+
+    g = GraphBuilder((3, 29, 29), seed=4)
+    _mobile_block(g)
+    model = fq.load_model(g.save(tmp_path / "odd.onnx"))
+    calib = np.random.default_rng(1).standard_normal((8, 3, 29, 29)).astype(np.float32)
+    plan = fq.quantize(model, calib, group_size=8, search="range", recover=True, progress=False)
+    mod = get_target("llvm").prepare(flexiq_rewrite(model.mod, model.layers, plan, 1))
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+               and f.attrs is not None and KERNEL_ATTR in f.attrs}
+    pairs = [f for f in kernels.values() if int(f.attrs.get("flexiq.pair_cols", 0))]
+    assert len(pairs) == 1 and int(pairs[0].attrs["flexiq.in_width"]) == 17
+    widened = [f for f in kernels.values() if str(f.attrs[KERNEL_ATTR]) == "quantize_act"
+               and "flexiq.pad" in f.attrs and [int(v) for v in f.attrs["flexiq.pad"]] == [1, 1, 1, 2]]
+    assert len(widened) == 1
+    plain = fq.compile(model, plan, batch_size=1, hoist_weights=False, fuse_activations=False,
+                       kernel_variants=False, inline_layers=False)
+    deploy = fq.compile(model, plan, batch_size=1)
+    x = np.random.default_rng(7).standard_normal((3, 3, 29, 29)).astype(np.float32) * 2
+    for r in (0.0, 0.5, 1.0):
+        plain.set_ratio(r), deploy.set_ratio(r)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
 
 
 def test_weights_lowered_once_per_ratio(mobile, tmp_path):

@@ -334,6 +334,26 @@ def _sched_weight_sum(sch):
     sch.decompose_reduction(ws, sb)
 
 
+def _output_block(sch: s_tir.Schedule, func):
+    """The block a conv's tiles are scheduled from: ``y``, or with a requantizing epilogue
+    (``compute.conv2d_int8(requant=...)``) ``q`` with the float ``y`` inlined into it and its
+    zero border split off as a fill pass of its own (vectorized: a vector condition inside the
+    tile would make TVM scalarize it)."""
+    y = sch.get_sblock("y")
+    if _attr(func, "requant_scale") is None:
+        return y
+    sch.compute_inline(y)
+    q = sch.get_sblock("q")
+    if any(int(v) for v in func.attrs["flexiq.requant_pad"]):
+        fill = sch.decompose_padding(q, sch.get_loops(q)[0])
+        fn, fo, fh, fw = sch.get_loops(fill)
+        outer = sch.fuse(fn, fo)
+        if _extent(sch, outer) * _extent(sch, fh) * _extent(sch, fw) >= _PARALLEL_MIN_WORK:
+            sch.parallel(outer)
+        _vec_inner(sch, sch.fuse(fh, fw), 64)
+    return q
+
+
 def _sched_conv_spatial(sch: s_tir.Schedule, func, target):
     """Packed 1x1 conv with the accumulator along the output positions (compute.conv2d_int8
     `spatial_lanes`): tile = ob channels x R whole output rows (R * OW a multiple of 16); per
@@ -346,8 +366,8 @@ def _sched_conv_spatial(sch: s_tir.Schedule, func, target):
 
     ob = _attr(func, "ob", 16)
     acc = sch.get_sblock("acc")
-    y = sch.get_sblock("y")
-    N, O, OH, OW = _buf_shape(func, "y")
+    y = _output_block(sch, func)
+    N, O, OH, OW = (_extent(sch, l) for l in sch.get_loops(y))
     CB = _buf_shape(func, "qx")[1]
     par = N * O * OH * OW * CB * 4 >= _PARALLEL_MIN_MACS
     _sched_weight_sum(sch)
