@@ -236,6 +236,11 @@ def test_conv_pipeline_bit_exact(case):
     paired = bool(fpair.attrs.get("flexiq.pair_cols", False))
     assert paired == (layout == "OIHWo" and st == 2), (layout, st)
     mpair = build(fpair, "cp") if paired else None
+    # stride-1 "OIHWo" with ob == 1: over the flattened plane (one more zero row below it)
+    fflat = fc.rebuild_kernel(fcv, flat_plane=True, act=act)
+    flat = bool(fflat.attrs.get("flexiq.flat_plane", False))
+    assert flat == (layout == "OIHWo" and ob == 1 and st == 1), (layout, ob, st)
+    mflat = build(fflat, "cfl") if flat else None
     w_pre = fc.prepack_weight(w, groups)
     np.testing.assert_array_equal(w_pre, blocked(w, ob, layout))
     qdt = "uint8" if unsigned else "int8"
@@ -272,6 +277,11 @@ def test_conv_pipeline_bit_exact(case):
             q_even[..., :Wp] = q
             yp = run(mpair, [q_even.view(np.uint16), wl, scale, bias], (N, O, OH, OW), "float32")
             np.testing.assert_array_equal(yp, np.clip(y_ref, act[0], act[1]), err_msg=f"column pairs k={k}")
+        if flat:
+            q_rows = np.zeros((N, C, Hp + 1, Wp), qdt)
+            q_rows[:, :, :Hp] = q
+            yf = run(mflat, [q_rows.reshape(N, C, -1), wl, scale, bias], (N, O, OH, OW), "float32")
+            np.testing.assert_array_equal(yf, np.clip(y_ref, act[0], act[1]), err_msg=f"flat plane k={k}")
 
 
 # (N, C, H, W, O, conv input signed?, reader unsigned?, reader pad): 1x1 spatial-lanes convs

@@ -1,6 +1,8 @@
-"""The llvm deployment rewrites (targets/llvm.py `prepare`): stride-2 depthwise kernels over
-column pairs, 1x1 convs writing the next layer's codes, ReLU / ReLU6 folded into the layer epilogues, weights lowered once per ratio change. Each
-must leave the artifact's outputs identical, bit for bit, to the plain build at every ratio."""
+"""The llvm deployment rewrites (targets/llvm.py `prepare`): the RGB stem on VNNI, stride-2
+depthwise kernels over column pairs, narrow stride-1 ones over the flattened plane, 1x1 convs
+writing the next layer's codes, ReLU / ReLU6 folded into the layer epilogues, weights lowered once
+per ratio change. Each must leave the artifact's outputs identical, bit for bit, to the plain
+build at every ratio."""
 import numpy as np
 import pytest
 import tvm
@@ -61,9 +63,17 @@ def test_prepared_module_structure(mobile):
     acts = [f for f in kernels.values() if "flexiq.act_lo" in f.attrs]
     assert len(acts) == 5
     assert sum(float(f.attrs["flexiq.act_hi"]) == 6.0 for f in acts if str(f.attrs["flexiq.act_hi"]) != "none") == 4
-    # the stride-2 depthwise conv reads its input as uint16 column pairs (passes.pair_strided_input)
+    # the RGB stem runs on VNNI (its 3 channels padded to 4) from bytes the quantize kernel packed
+    stem = [f for f in kernels.values() if str(f.attrs[KERNEL_ATTR]) == "conv2d_int8"
+            and int(f.attrs["flexiq.in_channels"]) == 3]
+    assert len(stem) == 1 and str(stem[0].attrs["flexiq.layout"]) == "OIHWo4i"
+    assert int(stem[0].attrs["flexiq.packed_input"])
+    # the stride-2 depthwise conv reads its input as uint16 column pairs, the stride-1 one over
+    # 8-wide rows as one flattened plane (passes.depthwise_input_view)
     pairs = [f for f in kernels.values() if int(f.attrs.get("flexiq.pair_cols", 0))]
     assert len(pairs) == 1 and int(pairs[0].attrs["flexiq.groups"]) == 48
+    flat = [f for f in kernels.values() if int(f.attrs.get("flexiq.flat_plane", 0))]
+    assert len(flat) == 1 and int(flat[0].attrs["flexiq.groups"]) == 72
     assert not any(int(f.attrs.get("flexiq.full_rows", 0)) for f in kernels.values())
     # both 1x1 expansions (16x16 and 8x8 planes: spatial lanes) write the depthwise convs' codes
     # (passes.fuse_requant); no float map goes from them to a quantize kernel

@@ -551,6 +551,7 @@ def conv2d_int8(
     spatial_lanes: bool = False,
     pair_cols: bool = False,
     requant: dict | None = None,
+    flat_plane: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """INT8 conv2d over an already padded NCHW input, weight in the lowered layout.
 
@@ -588,6 +589,14 @@ def conv2d_int8(
     the output row, no MAC is wasted on skipped columns (``full_rows`` computes twice the MACs and
     gathers every other one), and the input is never re-laid out. Same integers.
 
+    ``flat_plane=True`` (``"OIHWo"`` depthwise, ``ob == 1``, stride 1; the llvm target's form of
+    the depthwise convs over small planes): ``qx`` is the padded input viewed as ``[N, C, (Hp + 1)
+    * Wp]`` (the quantize kernel writes one more zero row), and the accumulator runs over the
+    flattened plane, ``acc[P] = sum qx[P + rh*dh*Wp + rw*dw] * w`` for ``P = oh * Wp + ow`` over
+    whole padded rows: every tap is one contiguous load however narrow the rows (a 7-wide row
+    fills 7 of 16 lanes when vectorized along ``ow``), at the cost of ``Wp - OW`` discarded
+    columns per row, which the epilogue skips. Same integers.
+
     ``requant=dict(scale, unsigned, pad, layer_index, num_layers)`` (``out="float"``; the llvm
     target's fusion of a conv with the quantize kernel of its only reader): the epilogue goes on to
     write that reader's codes, exactly what ``quantize_act(y, ...)`` writes from the float ``y``
@@ -613,10 +622,14 @@ def conv2d_int8(
                               and (sh, sw) == (1, 1) and (OH, OW) == (Hp, Wp) and (OH * OW) % 16 == 0):
         raise ValueError("spatial_lanes needs a packed, unpadded 1x1 stride-1 conv with OH*OW % 16 == 0")
     pair_cols = bool(pair_cols) and layout == "OIHWo" and sw == 2 and not packed_input
+    flat_plane = (bool(flat_plane) and layout == "OIHWo" and ob == 1 and (sh, sw) == (1, 1)
+                  and not (packed_input or pair_cols))
     if spatial_lanes:
         qx = te.placeholder((N, (Cg + 3) // 4, OH * OW, 4), "uint8", name="qx")
     elif pair_cols:
         qx = te.placeholder((N, C, Hp, (Wp + 1) // 2), "uint16", name="qx")
+    elif flat_plane:
+        qx = te.placeholder((N, C, (Hp + 1) * Wp), "uint8" if unsigned else "int8", name="qx")
     elif packed_input:
         qx = te.placeholder((N, groups * ((Cg + 3) // 4), Hp, Wp, 4), "uint8", name="qx")
     else:
@@ -629,7 +642,17 @@ def conv2d_int8(
     if layout == "OIHWo":
         wl = te.placeholder((O // ob, Cg, KH, KW, ob), "int8", name="w_l")
         rc = te.reduce_axis((0, Cg), name="rc")
-        if pair_cols:
+        if flat_plane:
+            acc = te.compute(
+                (N, O // ob, OH * Wp, ob),
+                lambda n, oo, p, oi: te.sum(
+                    qx[n, (oo // bpg) * Cg + rc, p + rh * dh * Wp + rw * dw].astype("int32")
+                    * wl[oo, rc, rh, rw, oi].astype("int32"),
+                    axis=[rc, rh, rw],
+                ),
+                name="acc",
+            )
+        elif pair_cols:
             def tap(n, c, h, ow, rw):
                 col = rw * dw
                 word = qx[n, c, h, ow + col // 2].astype("int32")
@@ -723,6 +746,8 @@ def conv2d_int8(
     def acc_at(n, o, oh, ow):
         if spatial_lanes:
             a = acc[n, o // ob, o % ob, oh * OW + ow]
+        elif flat_plane:
+            a = acc[n, o // ob, oh * Wp + ow, o % ob]
         else:
             a = acc[n, o // ob, oh, ow * sw if full_rows else ow, o % ob]
         if offset is not None:
@@ -753,6 +778,7 @@ def conv2d_int8(
                    unsigned=bool(unsigned), layout=layout, strides=[sh, sw], dilation=[dh, dw], in_channels=C,
                    full_rows=full_rows, exact_epilogue=bool(exact_epilogue), packed_input=bool(packed_input),
                    spatial_lanes=bool(spatial_lanes), **({"pair_cols": True, "in_width": Wp} if pair_cols else {}),
+                   **({"flat_plane": True, "in_height": Hp, "in_width": Wp} if flat_plane else {}),
                    **_act_attrs(act))
 
 
@@ -839,7 +865,7 @@ def param_shape(func, i):
 
 
 def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
-    """The same conv2d_int8 / dense_int8 / NCHW quantize_act kernel (same parameters, read back from its buffers and
+    """The same conv2d_int8 / dense_int8 / lower_weight / NCHW quantize_act kernel (same parameters, read back from its buffers and
     ``flexiq.*`` attributes) with some construction options changed, e.g. ``full_rows=True`` or
     ``act=(0.0, 6.0)``: how a target swaps in an equivalent variant after the rewrite. Attributes
     the original carries beyond its construction options are kept."""
@@ -868,12 +894,14 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
             xs = [xs[0], int(a["flexiq.in_channels"])] + (ys[2:] if len(xs) == 4 else xs[2:4])
         if bool(opt("pair_cols", False)):   # uint16 words: the attr holds the padded width
             xs = xs[:3] + [int(a["flexiq.in_width"])]
+        if bool(opt("flat_plane", False)):  # a flattened plane: the attrs hold its geometry
+            xs = xs[:2] + [int(a["flexiq.in_height"]), int(a["flexiq.in_width"])]
         w_shape = (wl[0] * wl[-2 if str(a["flexiq.layout"]) == "OIHWo4i" else -1], xs[1] // groups, wl[2], wl[3])
         args = dict(common, strides=[int(v) for v in opt("strides", [1, 1])],
                     dilation=[int(v) for v in opt("dilation", [1, 1])], groups=groups,
                     layout=str(a["flexiq.layout"]), full_rows=bool(opt("full_rows", False)),
                     packed_input=packed, spatial_lanes=bool(opt("spatial_lanes", False)),
-                    pair_cols=bool(opt("pair_cols", False)))
+                    pair_cols=bool(opt("pair_cols", False)), flat_plane=bool(opt("flat_plane", False)))
         if "flexiq.requant_scale" in a:
             args["requant"] = dict(scale=float(a["flexiq.requant_scale"]), unsigned=bool(a["flexiq.requant_unsigned"]),
                                    pad=[int(v) for v in a["flexiq.requant_pad"]],
@@ -886,6 +914,14 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
         args = dict(common)
         args.update(overrides)
         new = dense_int8(xs, (wl[0] * wl[2], wl[1]), **args)
+    elif kind == "lower_weight" and not bool(opt("w_prepacked", False)):
+        w_shape = param_shape(func, 0)
+        args = dict(groups=int(a["flexiq.groups"]), n_groups=param_shape(func, 3)[1],
+                    layer_index=int(a["flexiq.layer_index"]), num_layers=param_shape(func, 1)[0],
+                    in_channels=param_shape(func, 2)[0] if len(w_shape) == 4 else None,
+                    ob=int(a["flexiq.ob"]), layout=None if len(w_shape) == 2 else str(a["flexiq.layout"]))
+        args.update(overrides)
+        new = lower_weight(w_shape, **args)
     elif kind == "quantize_act" and str(a["flexiq.layout"]) == "NCHW":
         args = dict(pad=[int(v) for v in a["flexiq.pad"]], scale=float(a["flexiq.scale"]),
                     unsigned=bool(a["flexiq.unsigned"]), layer_index=int(a["flexiq.layer_index"]),
@@ -896,6 +932,7 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
     else:
         raise ValueError(f"rebuild_kernel: {kind} kernels ({a.get('flexiq.layout')}) have no variants")
     for k, v in a.items():
-        if k not in new.attrs and k not in ("global_symbol", "flexiq.pair_cols", "flexiq.in_width"):
+        if k not in new.attrs and k not in ("global_symbol", "flexiq.pair_cols", "flexiq.flat_plane",
+                                            "flexiq.in_width", "flexiq.in_height"):
             new = new.with_attr(k, v)
     return new

@@ -398,6 +398,8 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
         return _sched_conv_spatial(sch, func, target)
     if _attr(func, "layout", "OIHWo") == "OIHWo4i":
         return _sched_conv_vnni(sch, func, target)
+    if _attr(func, "flat_plane", 0):
+        return _sched_conv_flat(sch, func)
     ob = _attr(func, "ob", 1)
     acc = sch.get_sblock("acc")
     y = sch.get_sblock("y")
@@ -456,6 +458,33 @@ def _sched_conv(sch: s_tir.Schedule, func, target=None):
         sch.vectorize(owv)
         init = sch.decompose_reduction(acc, rc)
         sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _sched_conv_flat(sch: s_tir.Schedule, func):
+    """Depthwise conv over the flattened padded plane (compute.conv2d_int8 `flat_plane`): per
+    (n, channel) [parallel], the plane's accumulators in vectors of up to 64 positions with the taps
+    unrolled around each (they stay in registers), then the epilogue reads each output row's
+    contiguous span of them."""
+    acc = sch.get_sblock("acc")
+    y = sch.get_sblock("y")
+    N, O, OH, OW = _buf_shape(func, "y")
+    n, oo, p, oi, rc, rh, rw = sch.get_loops(acc)
+    P, KH, KW = _extent(sch, p), _extent(sch, rh), _extent(sch, rw)
+    yn, yo, yoh, yow = sch.get_loops(y)
+    outer = sch.fuse(yn, yo)
+    if N * O * P * KH * KW >= _PARALLEL_MIN_MACS:
+        sch.parallel(outer)
+    sch.vectorize(yow)
+    sch.compute_at(acc, outer, preserve_unit_loops=True)
+    p, oi, rc, rh, rw = sch.get_loops(acc)[-5:]
+    po, pv = _tile(sch, p, _largest_divisor(P, 64), 64)
+    sch.reorder(po, oi, rc, rh, rw, pv)
+    sch.vectorize(pv)       # (before decompose_reduction: needs the complete block)
+    init = sch.decompose_reduction(acc, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if KH * KW <= 16:
+        sch.unroll(rh)
+        sch.unroll(rw)
 
 
 def _sched_dense(sch: s_tir.Schedule, func):

@@ -12,7 +12,8 @@ from ..passes.fuse_activation import fuse_activations
 from ..passes.fuse_requant import fuse_requantization
 from ..passes.hoist_weights import hoist_weight_lowering
 from ..passes.pack_conv_input import pack_conv_inputs
-from ..passes.pair_strided_input import pair_strided_inputs
+from ..passes.vnni_narrow_input import vnni_narrow_convs
+from ..passes.depthwise_input_view import view_depthwise_inputs
 from ..schedules.compute import KERNEL_ATTR
 from ..schedules import llvm as llvm_schedules
 from . import register_target
@@ -58,23 +59,28 @@ class LLVMTarget(FlexiQTarget):
         # (compile_with_taps) keep main's plain signature and the pre-activation layer outputs
         self.hoist_weights = hoist_weights
         self.fuse_activations = fuse_activations
-        # packed quantize -> VNNI conv, spatial-lane 1x1 convs, column-pair / full-row strided depthwise
+        # packed quantize -> VNNI conv, spatial-lane 1x1 convs, depthwise input views, full-row depthwise,
+        # 1x1 convs writing the next depthwise layer's codes
         self.kernel_variants = kernel_variants
         # the per-layer Relax functions inlined into `main`: one VM frame instead of one call per
         # layer with its argument checks, and one memory plan over the whole graph
         self.inline_layers = inline_layers
 
     def prepare(self, mod: tvm.IRModule) -> tvm.IRModule:
-        """Target-specific Relax rewrites before the kernels are scheduled: stride-2 depthwise
-        kernels reading their input as column pairs (`passes.pair_strided_input`), other strided
-        depthwise kernels in their full-row form, the VNNI convs' inputs written packed by the
-        quantize kernels (`passes.pack_conv_input`), activations folded into the epilogues
-        (`passes.fuse_activation`), the weight lowering moved out of the per-call path
-        (`passes.hoist_weights`), then the layer functions inlined into `main` and the 1x1 convs
-        that feed a depthwise conv writing its INT8 codes (`passes.fuse_requant`). Each keeps the
-        integers, so the artifact stays bit-exact."""
+        """Target-specific Relax rewrites before the kernels are scheduled, each keeping the
+        integers (the artifact stays bit-exact):
+
+        * RGB stems on the VNNI dot product (`passes.vnni_narrow_input`);
+        * depthwise kernels reading their input through a view that vectorizes: column pairs at
+          stride 2, the flattened plane over narrow rows (`passes.depthwise_input_view`); other
+          strided depthwise kernels over full rows;
+        * the VNNI convs' inputs written packed by the quantize kernels (`passes.pack_conv_input`);
+        * activations folded into the epilogues (`passes.fuse_activation`);
+        * the weight lowering moved out of the per-call path (`passes.hoist_weights`);
+        * the layer functions inlined into `main`, then the 1x1 convs that feed a depthwise conv
+          writing its INT8 codes (`passes.fuse_requant`)."""
         if self.kernel_variants:
-            mod = pack_conv_inputs(full_row_depthwise(pair_strided_inputs(mod)))
+            mod = pack_conv_inputs(full_row_depthwise(view_depthwise_inputs(vnni_narrow_convs(mod))))
         if self.fuse_activations:
             mod = fuse_activations(mod)
         if self.hoist_weights:
