@@ -241,6 +241,8 @@ def test_conv_pipeline_bit_exact(case):
     flat = bool(fflat.attrs.get("flexiq.flat_plane", False))
     assert flat == (layout == "OIHWo" and ob == 1 and st == 1), (layout, ob, st)
     mflat = build(fflat, "cfl") if flat else None
+    # the residual add folded into the epilogue (passes.fuse_residual): act(y) + res
+    mres = build(fc.rebuild_kernel(fcv, residual=True, act=act), "cres")
     w_pre = fc.prepack_weight(w, groups)
     np.testing.assert_array_equal(w_pre, blocked(w, ob, layout))
     qdt = "uint8" if unsigned else "int8"
@@ -277,6 +279,9 @@ def test_conv_pipeline_bit_exact(case):
             q_even[..., :Wp] = q
             yp = run(mpair, [q_even.view(np.uint16), wl, scale, bias], (N, O, OH, OW), "float32")
             np.testing.assert_array_equal(yp, np.clip(y_ref, act[0], act[1]), err_msg=f"column pairs k={k}")
+        res = rng.standard_normal((N, O, OH, OW)).astype(np.float32)
+        yr = run(mres, [q, wl, scale, bias, res], (N, O, OH, OW), "float32")
+        np.testing.assert_array_equal(yr, np.clip(y_ref, act[0], act[1]) + res, err_msg=f"residual k={k}")
         if flat:
             q_rows = np.zeros((N, C, Hp + 1, Wp), qdt)
             q_rows[:, :, :Hp] = q
@@ -371,6 +376,8 @@ def test_dense_pipeline_bit_exact(case):
     mc = build(fc.dense_int8((M, C), (O, C), unsigned, "float"), "df")
     mr = build(fc.rebuild_kernel(fc.dense_int8((M, C), (O, C), unsigned, "float"), act=(0.0, None)), "dr")
     ma = build(fc.dense_int8((M, C), (O, C), unsigned, "acc"), "da")
+    mres = build(fc.rebuild_kernel(fc.dense_int8((M, C), (O, C), unsigned, "float"), act=(0.0, None), residual=True),
+                 "dres")
     qdt = "uint8" if unsigned else "int8"
     for k in k_values(rng, n_groups):
         counts = np.array([k, 0], np.int32)
@@ -389,6 +396,9 @@ def test_dense_pipeline_bit_exact(case):
         y_ref = acc_ref.astype(np.float32) * scale + bias
         _check_epilogue(y, y_ref, acc_ref, scale, bias)
         np.testing.assert_array_equal(run(mr, [q, wl, scale, bias], (M, O), "float32"), np.maximum(y_ref, 0))
+        res = rng.standard_normal((M, O)).astype(np.float32)
+        np.testing.assert_array_equal(run(mres, [q, wl, scale, bias, res], (M, O), "float32"),
+                                      np.maximum(y_ref, 0) + res, err_msg="residual in the epilogue")
 
 
 # ----------------------------------------------------------------------------- other tests

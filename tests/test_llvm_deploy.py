@@ -1,8 +1,8 @@
 """The llvm deployment rewrites (targets/llvm.py `prepare`): the RGB stem on VNNI, stride-2
 depthwise kernels over column pairs, narrow stride-1 ones over the flattened plane, 1x1 convs
-writing the next layer's codes, ReLU / ReLU6 folded into the layer epilogues, weights lowered once
-per ratio change. Each must leave the artifact's outputs identical, bit for bit, to the plain
-build at every ratio."""
+writing the next layer's codes, residual adds and ReLU / ReLU6 folded into the layer epilogues,
+weights lowered once per ratio change. Each must leave the artifact's outputs identical, bit for
+bit, to the plain build at every ratio."""
 import numpy as np
 import pytest
 import tvm
@@ -58,6 +58,8 @@ def test_prepared_module_structure(mobile):
     # the ReLU6s (Clip) and the ReLU after a layer are in the epilogues; the ReLU after the
     # residual add is not a layer's (it stays)
     assert not any(o in ("relax.clip", "relax.minimum") for o in ops), ops
+    # the residual add is in the second projection's epilogue (passes.fuse_residual)
+    assert "relax.add" not in ops, ops
     kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
                and f.attrs is not None and KERNEL_ATTR in f.attrs}
     acts = [f for f in kernels.values() if "flexiq.act_lo" in f.attrs]
@@ -77,6 +79,8 @@ def test_prepared_module_structure(mobile):
     assert not any(int(f.attrs.get("flexiq.full_rows", 0)) for f in kernels.values())
     # both 1x1 expansions (16x16 and 8x8 planes: spatial lanes) write the depthwise convs' codes
     # (passes.fuse_requant); no float map goes from them to a quantize kernel
+    res = [f for f in kernels.values() if int(f.attrs.get("flexiq.residual", 0))]
+    assert len(res) == 1 and int(res[0].attrs["flexiq.in_channels"]) == 72
     rq = {n: f for n, f in kernels.items() if "flexiq.requant_scale" in f.attrs}
     assert len(rq) == 2 and all(int(f.attrs["flexiq.spatial_lanes"]) for f in rq.values()), list(kernels)
     assert sorted(int(f.attrs["flexiq.requant_layer_index"]) for f in rq.values()) == [2, 5]

@@ -40,7 +40,8 @@ def _kernel(mod, call):
 def _fusable_conv(kf) -> bool:
     a = kf.attrs
     return (str(a[KERNEL_ATTR]) == "conv2d_int8" and int(a.get("flexiq.spatial_lanes", 0))
-            and str(a.get("flexiq.out", "float")) == "float" and "flexiq.requant_scale" not in a)
+            and str(a.get("flexiq.out", "float")) == "float" and "flexiq.requant_scale" not in a
+            and not int(a.get("flexiq.residual", 0)))
 
 
 def _fusable_quantize(qf) -> bool:

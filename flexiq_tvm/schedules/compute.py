@@ -552,6 +552,7 @@ def conv2d_int8(
     pair_cols: bool = False,
     requant: dict | None = None,
     flat_plane: bool = False,
+    residual: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """INT8 conv2d over an already padded NCHW input, weight in the lowered layout.
 
@@ -596,6 +597,11 @@ def conv2d_int8(
     whole padded rows: every tap is one contiguous load however narrow the rows (a 7-wide row
     fills 7 of 16 lanes when vectorized along ``ow``), at the cost of ``Wp - OW`` discarded
     columns per row, which the epilogue skips. Same integers.
+
+    ``residual=True`` (``out="float"``; the llvm target's fusion of the residual add that reads
+    the layer's output): one more parameter ``res`` f32 ``[N, O, OH, OW]`` before ``y``, and ``y =
+    act(f32(acc) * scale + bias) + res``, the float32 add Relax's ``add`` computes (either operand
+    order gives the same IEEE sum), so the layer's own output is never written.
 
     ``requant=dict(scale, unsigned, pad, layer_index, num_layers)`` (``out="float"``; the llvm
     target's fusion of a conv with the quantize kernel of its only reader): the epilogue goes on to
@@ -755,19 +761,21 @@ def conv2d_int8(
         return a
 
     fence = _no_contract if exact_epilogue else (lambda v: v)
+    res = te.placeholder((N, O, OH, OW), "float32", name="res") if residual else None
+    if residual and (out != "float" or requant is not None):
+        raise ValueError("residual needs out='float' and no requant")
     if out == "float":
-        y = te.compute(
-            (N, O, OH, OW),
-            lambda n, o, oh, ow: _clamp_act(fence(acc_at(n, o, oh, ow).astype("float32") * scale[o])
-                                            + bias[o], act),
-            name="y",
-        )
+        def epilogue(n, o, oh, ow):
+            v = _clamp_act(fence(acc_at(n, o, oh, ow).astype("float32") * scale[o]) + bias[o], act)
+            return v + res[n, o, oh, ow] if residual else v
+
+        y = te.compute((N, O, OH, OW), epilogue, name="y")
     elif out == "acc":
         y = te.compute((N, O, OH, OW), acc_at, name="y")
     else:
         raise ValueError(f"out must be 'float' or 'acc', got {out!r}")
-    params = [qx, wl, scale, bias, y]
-    rq_attrs = {}
+    params = [qx, wl, scale, bias, res, y] if residual else [qx, wl, scale, bias, y]
+    rq_attrs = {"residual": True} if residual else {}
     if requant is not None:
         if out != "float":
             raise ValueError("requant needs out='float'")
@@ -821,10 +829,12 @@ def dense_int8(
     ob: int | None = None,
     exact_epilogue: bool = True,
     act=None,
+    residual: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """INT8 dense. ``w_shape`` is the logical ``(O, C)``.  Params
     ``(qx i8|u8[M,C], w_l i8[O//ob,C,ob], scale f32[O], bias f32[O], y)``, ``y`` f32 ``[M,O]``
-    (or int32 accumulator with ``out="acc"``)."""
+    (or int32 accumulator with ``out="acc"``). ``residual=True``: ``res`` f32 ``[M, O]`` before
+    ``y`` is added in the epilogue, as in :func:`conv2d_int8`."""
     M, C = (int(v) for v in x_shape)
     O, C2 = (int(v) for v in w_shape)
     assert C == C2
@@ -842,18 +852,22 @@ def dense_int8(
         name="acc",
     )
     fence = _no_contract if exact_epilogue else (lambda v: v)
+    if residual and out != "float":
+        raise ValueError("residual needs out='float'")
+    res = te.placeholder((M, O), "float32", name="res") if residual else None
     if out == "float":
-        y = te.compute(
-            (M, O),
-            lambda m, o: _clamp_act(fence(acc[m, o // ob, o % ob].astype("float32") * scale[o]) + bias[o], act),
-            name="y")
+        def epilogue(m, o):
+            v = _clamp_act(fence(acc[m, o // ob, o % ob].astype("float32") * scale[o]) + bias[o], act)
+            return v + res[m, o] if residual else v
+
+        y = te.compute((M, O), epilogue, name="y")
     elif out == "acc":
         y = te.compute((M, O), lambda m, o: acc[m, o // ob, o % ob], name="y")
     else:
         raise ValueError(f"out must be 'float' or 'acc', got {out!r}")
-    func = te.create_prim_func([qx, wl, scale, bias, y])
+    func = te.create_prim_func([qx, wl, scale, bias, res, y] if residual else [qx, wl, scale, bias, y])
     return _finish(func, "dense_int8", ob=int(ob), out=out, unsigned=bool(unsigned),
-                   exact_epilogue=bool(exact_epilogue), **_act_attrs(act))
+                   exact_epilogue=bool(exact_epilogue), **({"residual": True} if residual else {}), **_act_attrs(act))
 
 
 # --------------------------------------------------------------------------- variants
@@ -901,7 +915,8 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
                     dilation=[int(v) for v in opt("dilation", [1, 1])], groups=groups,
                     layout=str(a["flexiq.layout"]), full_rows=bool(opt("full_rows", False)),
                     packed_input=packed, spatial_lanes=bool(opt("spatial_lanes", False)),
-                    pair_cols=bool(opt("pair_cols", False)), flat_plane=bool(opt("flat_plane", False)))
+                    pair_cols=bool(opt("pair_cols", False)), flat_plane=bool(opt("flat_plane", False)),
+                    residual=bool(opt("residual", False)))
         if "flexiq.requant_scale" in a:
             args["requant"] = dict(scale=float(a["flexiq.requant_scale"]), unsigned=bool(a["flexiq.requant_unsigned"]),
                                    pad=[int(v) for v in a["flexiq.requant_pad"]],
@@ -911,7 +926,7 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
         new = conv2d_int8(xs, w_shape, **args)
     elif kind == "dense_int8":
         xs, wl = param_shape(func, 0), param_shape(func, 1)
-        args = dict(common)
+        args = dict(common, residual=bool(opt("residual", False)))
         args.update(overrides)
         new = dense_int8(xs, (wl[0] * wl[2], wl[1]), **args)
     elif kind == "lower_weight" and not bool(opt("w_prepacked", False)):

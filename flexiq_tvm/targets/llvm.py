@@ -10,6 +10,7 @@ from tvm import relax
 
 from ..passes.fuse_activation import fuse_activations
 from ..passes.fuse_requant import fuse_requantization
+from ..passes.fuse_residual import fuse_residual_adds
 from ..passes.hoist_weights import hoist_weight_lowering
 from ..passes.pack_conv_input import pack_conv_inputs
 from ..passes.vnni_narrow_input import vnni_narrow_convs
@@ -77,8 +78,9 @@ class LLVMTarget(FlexiQTarget):
         * the VNNI convs' inputs written packed by the quantize kernels (`passes.pack_conv_input`);
         * activations folded into the epilogues (`passes.fuse_activation`);
         * the weight lowering moved out of the per-call path (`passes.hoist_weights`);
-        * the layer functions inlined into `main`, then the 1x1 convs that feed a depthwise conv
-          writing its INT8 codes (`passes.fuse_requant`)."""
+        * the layer functions inlined into `main`, then the residual adds folded into the convs
+          whose output they read (`passes.fuse_residual`) and the 1x1 convs that feed a depthwise
+          conv writing its INT8 codes (`passes.fuse_requant`)."""
         if self.kernel_variants:
             mod = pack_conv_inputs(full_row_depthwise(view_depthwise_inputs(vnni_narrow_convs(mod))))
         if self.fuse_activations:
@@ -89,7 +91,7 @@ class LLVMTarget(FlexiQTarget):
             return mod
         mod = relax.transform.InlinePrivateFunctions()(mod)
         # (across layers: a layer's conv and the next layer's quantize meet only once inlined)
-        return fuse_requantization(mod) if self.kernel_variants else mod
+        return fuse_requantization(fuse_residual_adds(mod)) if self.kernel_variants else mod
 
     def pipeline(self, tuning_db=None) -> tvm.transform.Pass:
         target = self
