@@ -289,31 +289,34 @@ def test_conv_pipeline_bit_exact(case):
             np.testing.assert_array_equal(yf, np.clip(y_ref, act[0], act[1]), err_msg=f"flat plane k={k}")
 
 
-# (N, C, H, W, O, conv input signed?, reader unsigned?, reader pad): 1x1 spatial-lanes convs
-REQUANT_CASES = [(2, 16, 8, 8, 32, True, True, (1, 1, 1, 1)), (1, 12, 4, 12, 16, False, False, (0, 0, 0, 0)),
-                 (1, 24, 16, 16, 48, True, True, (1, 1, 1, 2)),
-                 (2, 64, 32, 32, 32, True, True, (1, 1, 1, 1))]   # >= 2M MACs: threaded
+# (N, C, H, W, O, conv input signed?, reader unsigned?, reader pad, spatial lanes?): 1x1 VNNI convs
+REQUANT_CASES = [(2, 16, 8, 8, 32, True, True, (1, 1, 1, 1), True), (1, 12, 4, 12, 16, False, False, (0, 0, 0, 0), True),
+                 (1, 24, 16, 16, 48, True, True, (1, 1, 1, 2), True),
+                 (2, 64, 32, 32, 32, True, True, (1, 1, 1, 1), True),   # >= 2M MACs: threaded
+                 (2, 16, 7, 7, 32, True, True, (1, 1, 1, 1), False),    # channel lanes (49 positions)
+                 (1, 20, 5, 6, 16, False, False, (0, 1, 0, 1), False)]
 
 
 @pytest.mark.parametrize("case", REQUANT_CASES, ids=[f"rq{i}" for i in range(len(REQUANT_CASES))])
 def test_conv_requant_epilogue_writes_the_readers_codes(case):
-    """compute.conv2d_int8(requant=...) (passes.fuse_requant): the 1x1 conv's epilogue writes the
+    """compute.conv2d_int8(requant=...) (passes.fuse_requant): the VNNI conv's epilogue writes the
     next layer's INT8 codes, run-time low channels lowered, border zero; checked against numpy's
     conv, epilogue and quantize rule, and against the float kernel followed by quantize_act."""
-    N, C, H, W, O, signed_in, unsigned, pad = case
+    N, C, H, W, O, signed_in, unsigned, pad, spatial = case
     rng = np.random.default_rng(sum(case[:5]))
     L, li = 3, 2
     n_groups = 4
     s_q = float(rng.uniform(0.02, 0.08))
     CB = -(-C // 4)
     xb = rng.integers(0, 256, size=(N, CB, H * W, 4)).astype(np.uint8)       # packed input bytes
+    xk = xb if spatial else xb.reshape(N, CB, H, W, 4)
     w = rng.integers(-127, 128, size=(O, C, 1, 1)).astype(np.int8)
     scale = rng.uniform(1e-4, 1e-3, size=O).astype(np.float32)
     bias = rng.normal(size=O).astype(np.float32)
     rank = make_rank(rng, O, n_groups)
     shift = rng.integers(0, 5, size=O).astype(np.int32)
     act = (0.0, 6.0) if unsigned else (-4.0, None)
-    geo = dict(unsigned=not signed_in, layout="OIHWo4i", ob=16, packed_input=True, spatial_lanes=True, act=act)
+    geo = dict(unsigned=not signed_in, layout="OIHWo4i", ob=16, packed_input=True, spatial_lanes=spatial, act=act)
     fy = fc.conv2d_int8((N, C, H, W), (O, C, 1, 1), **geo)
     fr = fc.conv2d_int8((N, C, H, W), (O, C, 1, 1), **geo,
                         requant=dict(scale=s_q, unsigned=unsigned, pad=pad, layer_index=li, num_layers=L))
@@ -329,7 +332,7 @@ def test_conv_requant_epilogue_writes_the_readers_codes(case):
     if act[1] is not None:
         y_ref = np.minimum(y_ref, np.float32(act[1]))
     wl = blocked(w, 16, "OIHWo4i")
-    y = run(my, [xb, wl, scale, bias], (N, O, H, W), "float32")
+    y = run(my, [xk, wl, scale, bias], (N, O, H, W), "float32")
     np.testing.assert_array_equal(y, y_ref)
     t, l, b, r = pad
     qshape = (N, O, H + t + b, W + l + r)
@@ -338,7 +341,7 @@ def test_conv_requant_epilogue_writes_the_readers_codes(case):
         counts = rng.integers(0, n_groups + 1, size=L).astype(np.int32)
         counts[li] = k
         q_ref = ref_quantize_act(y_ref, s_q, unsigned, rank, shift, k, 1, pad)
-        q = run(mr, [xb, wl, scale, bias, counts, rank, shift], qshape, qdt)
+        q = run(mr, [xk, wl, scale, bias, counts, rank, shift], qshape, qdt)
         np.testing.assert_array_equal(q.astype(np.int64), q_ref, err_msg=f"requant k={k}")
         np.testing.assert_array_equal(q, run(mq, [y, counts, rank, shift], qshape, qdt), err_msg=f"k={k}")
 

@@ -9,11 +9,10 @@ reader's quantize rule in its epilogue (`compute.conv2d_int8(requant=...)`: the 
 operations on the same values, the same lowering of the run-time low channels, so the codes are
 identical) and drops the float map.
 
-Only convs in the spatial-lanes form (`passes.pack_conv_input`: 1x1, the epilogue writes whole
-rows of one channel, so the run-time lowering test is one branch per row) feeding a static NCHW
-quantize kernel (a depthwise conv's input) are fused. Measured and left alone: the same fusion
-into the channel-lane VNNI epilogue and into packed (4-channel word) quantizers was slower
-(benchmarks/README.md, issue 12).
+Only VNNI convs (`"OIHWo4i"`: their epilogue runs along one output channel's row, so the
+run-time lowering test is one branch per row segment) feeding a static NCHW quantize kernel (a
+depthwise conv's input: one byte per channel) are fused. A packed reader (four channels per word)
+would need per-byte selects in the epilogue: not done.
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ def _kernel(mod, call):
 
 def _fusable_conv(kf) -> bool:
     a = kf.attrs
-    return (str(a[KERNEL_ATTR]) == "conv2d_int8" and int(a.get("flexiq.spatial_lanes", 0))
+    return (str(a[KERNEL_ATTR]) == "conv2d_int8" and str(a.get("flexiq.layout", "")) == "OIHWo4i"
             and str(a.get("flexiq.out", "float")) == "float" and "flexiq.requant_scale" not in a
             and not int(a.get("flexiq.residual", 0)))
 

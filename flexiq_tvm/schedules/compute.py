@@ -354,11 +354,21 @@ def quantize_act(
         # bytes of channels past Cg meet zero weights (the weight layout pads with 0), so any
         # value does: they repeat the group's last channel, and the border fill is one constant
         def packed(n, b, h, w):
-            out = tvm.tirx.const(0, "uint32")
-            for j in range(4):
-                ci = tvm.tirx.min((b % CB) * 4 + j, _i32(Cg - 1)) if Cg % 4 else (b % CB) * 4 + j
-                out = out | byte(qval(n, (b // CB) * Cg + ci, h, w), j)
-            return out
+            chans = [(b // CB) * Cg + (tvm.tirx.min((b % CB) * 4 + j, _i32(Cg - 1)) if Cg % 4 else (b % CB) * 4 + j)
+                     for j in range(4)]
+
+            def word(lowering):
+                out = tvm.tirx.const(0, "uint32")
+                for j, c in enumerate(chans):
+                    out = out | byte(qval(n, c, h, w) if lowering else code(n, c, h, w).astype(odt), j)
+                return out
+
+            # one test per word row: a row of four INT8 channels (every row at ratio 0) skips the
+            # lowering's arithmetic and selects
+            any_low = rank[chans[0]] < counts[li]
+            for c in chans[1:]:
+                any_low = tvm.tirx.Or(any_low, rank[c] < counts[li])
+            return tvm.tirx.if_then_else(any_low, word(True), word(False))
 
         fill = tvm.tirx.const(0 if unsigned else 0x80808080, "uint32")
 

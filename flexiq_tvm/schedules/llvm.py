@@ -251,11 +251,10 @@ def _has_vnni(target) -> bool:
 def _sched_conv_vnni(sch: s_tir.Schedule, func, target):
     ob = _attr(func, "ob", 16)
     acc = sch.get_sblock("acc")
-    y = sch.get_sblock("y")
+    y = _output_block(sch, func)
     n, oo, oh, ow, oi, rb, rh, rw, rj = sch.get_loops(acc)
     OW = _extent(sch, ow)
-    yshape = _buf_shape(func, "y")
-    N, O, OH = yshape[0], yshape[1], yshape[2]
+    N, O, OH, _ = (_extent(sch, l) for l in sch.get_loops(y))
     CB, KH, KW = _extent(sch, rb), _extent(sch, rh), _extent(sch, rw)
     work = N * O * OH * OW * CB * 4 * KH * KW
     par = work >= _PARALLEL_MIN_MACS
