@@ -1,6 +1,8 @@
-"""What the llvm target's deployment rewrites buy on ImageNet MobileNetV2, side by side in one run.
+"""What the llvm target's deployment rewrites buy on ImageNet MobileNetV2 (or the shipped ViT),
+side by side in one run.
 
-    python3 benchmarks/llvm_deploy.py [--batch-sizes 1 32] [--threads 1 2] [--rounds 5] [--json OUT]
+    python3 benchmarks/llvm_deploy.py [--model mobilenetv2|vit] [--batch-sizes 1 32] [--threads 1 2]
+                                      [--rounds 5] [--json OUT]
 
 Configs (one process, interleaved rounds, median of per-round times; speedups are medians of the
 paired per-round ratios):
@@ -32,10 +34,14 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--plan", default=os.path.join(HERE, "gpu_results", "plans", "mobilenetv2.plan.json"))
+    ap.add_argument("--model", choices=["mobilenetv2", "vit"], default="mobilenetv2")
+    ap.add_argument("--plan", default=None, help="default: benchmarks/gpu_results/plans/<model>.plan.json, "
+                    "made (range search, groups of 64, as gpu_check.py) and cached there when missing")
     ap.add_argument("--work-dir", default="/tmp/flexiq_llvm_deploy")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.plan is None:
+        args.plan = os.path.join(HERE, "gpu_results", "plans", f"{args.model}.plan.json")
     os.makedirs(args.work_dir, exist_ok=True)
     results = []
     for threads in args.threads:
@@ -45,6 +51,7 @@ def main(argv=None):
 
             out = os.path.join(args.work_dir, f"t{threads}.json")
             cmd = [sys.executable, __file__, "--threads", str(threads), "--rounds", str(args.rounds), "--plan", args.plan,
+                   "--model", args.model,
                    "--work-dir", args.work_dir, "--json", out, "--batch-sizes", *map(str, args.batch_sizes)]
             subprocess.run(cmd, check=True)
             results += json.load(open(out))
@@ -65,13 +72,22 @@ def run(args, threads):
     import flexiq_tvm as fq
     from flexiq_tvm.quant.plan import Plan
 
-    _, model, _, path = g.mobilenet_model(args.work_dir)
-    plan = Plan.load(args.plan)
-    calib = np.random.default_rng(1).standard_normal((8, 3, 224, 224)).astype(np.float32)
-    qdq = cl.ort_quantize(path, calib, "input", args.work_dir, "quint8")
+    _, model, calib_path, path = g.BUILDERS[args.model](args.work_dir)
+    if os.path.exists(args.plan):
+        plan = Plan.load(args.plan)
+    else:   # a fresh checkout: gpu_check.py's plan (range search, groups of 64), made once and cached there
+        print(f"{args.plan} not found: quantizing (a few minutes, cached for the next run)", flush=True)
+        plan = g.quantize(model, calib_path, cache=os.path.dirname(args.plan), key=args.model)
+    shape = tuple(int(v) for v in model.input_shape)
+    iname = _input_name(path)
+    if args.model == "vit":   # the shipped calibration images
+        calib = np.load(calib_path)[np.load(calib_path).files[0]][:64].astype(np.float32)
+    else:
+        calib = np.random.default_rng(1).standard_normal((8,) + shape).astype(np.float32)
+    qdq = cl.ort_quantize(path, calib, iname, args.work_dir, "quint8")
     rows = []
     for B in args.batch_sizes:
-        x = np.random.default_rng(0).standard_normal((B, 3, 224, 224)).astype(np.float32)
+        x = np.random.default_rng(0).standard_normal((B,) + shape).astype(np.float32)
         builds = {"plain": dict(hoist_weights=False, fuse_activations=False, kernel_variants=False), "deploy": {}}
         cms = {k: fq.compile(model, plan, batch_size=B, **o) for k, o in builds.items()}
         exact = True
@@ -90,7 +106,6 @@ def run(args, threads):
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             sessions[name] = ort.InferenceSession(p, so, providers=["CPUExecutionProvider"])
-        iname = sessions["ORT FP32"].get_inputs()[0].name
 
         def ort_fn(s):
             return lambda: s.run(None, {iname: x})
@@ -128,6 +143,12 @@ def run(args, threads):
         print(f"  plain vs deploy bit-exact: {exact}; deploy weight lowering on a new ratio: "
               + ", ".join(f"r={r}: {v * 1e3:.2f} ms" for r, v in lowering.items()), flush=True)
     return rows
+
+
+def _input_name(path):
+    import onnx
+
+    return onnx.load(path, load_external_data=False).graph.input[0].name
 
 
 if __name__ == "__main__":

@@ -435,6 +435,26 @@ def test_quantize_asymmetric_pad_and_lower_values():
         np.testing.assert_array_equal(wl[e].astype(np.int64), exp)
 
 
+
+@pytest.mark.parametrize("unsigned", [False, True])
+def test_quantize_rows_lowering_on_every_code(unsigned):
+    """The static NCHW rows fold the lowering into per-channel clamp bounds and a mask
+    (compute._act_code_or_lowered, an identity that holds only with the right bounds): every
+    integer and half-integer quotient from -300 to 300 (past both clip ends, every rounding tie),
+    at each shift 0..4, lowered and not, against numpy's code-then-lower."""
+    s = 0.05
+    v = np.arange(-600, 601, dtype=np.float32) * np.float32(0.5) * np.float32(s)   # quotients -300..300
+    C = 5
+    x = np.broadcast_to(v, (1, C, 1, v.size)).copy()
+    x[0, :, 0, ::7] = np.nextafter(x[0, :, 0, ::7], np.float32(np.inf))               # just past some ties
+    rank, shift = np.arange(C, dtype=np.int32), np.arange(C, dtype=np.int32)
+    m = build(fc.quantize_act(x.shape, 1, 0, s, unsigned, 0, 1), "q")
+    for k in (0, 2, C):
+        q = run(m, [x, np.array([k], np.int32), rank, shift], x.shape, "uint8" if unsigned else "int8")
+        np.testing.assert_array_equal(q.astype(np.int64), ref_quantize_act(x, s, unsigned, rank, shift, k, 1),
+                                      err_msg=f"k={k}")
+
+
 def test_counts_change_without_rebuild():
     """The same built modules give the right answer for several counts in a row."""
     rng = np.random.default_rng(11)

@@ -167,3 +167,36 @@ def test_weights_lowered_once_per_ratio(mobile, tmp_path):
     loaded = fq.load_artifact(path)
     loaded.set_ratio(0.5)
     np.testing.assert_array_equal(loaded(x), y5)
+
+
+@pytest.mark.parametrize("batch", [16, 3])
+def test_dense_layers_run_as_vnni_convs(tmp_path, batch):
+    """passes.dense_on_vnni: dense layers with O a multiple of 8 become 1x1 VNNI convs over the
+    transposed batch (16 rows: spatial lanes; 3: channel lanes), the 10-way head keeps dense_int8;
+    outputs identical to the plain build at every ratio and at random counts."""
+    from conftest import GraphBuilder
+
+    g = GraphBuilder((3, 4, 4), seed=6)
+    g.flatten(), g.gemm(48, 32), g.relu(), g.gemm(32, 24), g.gemm(24, 10)
+    model = fq.load_model(g.save(tmp_path / "mlp.onnx"))
+    calib = np.random.default_rng(2).standard_normal((16, 3, 4, 4)).astype(np.float32)
+    plan = fq.quantize(model, calib, group_size=8, search="range", recover=True, progress=False)
+    mod = get_target("llvm").prepare(flexiq_rewrite(model.mod, model.layers, plan, batch))
+    kinds = [str(f.attrs[KERNEL_ATTR]) for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
+             and f.attrs is not None and KERNEL_ATTR in f.attrs]
+    convs = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+             and str(f.attrs.get(KERNEL_ATTR, "")) == "conv2d_int8"]
+    assert kinds.count("dense_int8") == 1 and len(convs) == 2, kinds
+    assert all(str(f.attrs["flexiq.layout"]) == "OIHWo4i" and int(f.attrs["flexiq.packed_input"]) for f in convs)
+    assert sorted(int(f.attrs.get("flexiq.spatial_lanes", 0)) for f in convs) == [int(batch % 16 == 0)] * 2
+    assert sum("flexiq.act_lo" in f.attrs for f in convs) == 1        # the ReLU stays in the epilogue
+    plain = fq.compile(model, plan, batch_size=batch, hoist_weights=False, fuse_activations=False,
+                       kernel_variants=False, inline_layers=False)
+    deploy = fq.compile(model, plan, batch_size=batch)
+    x = np.random.default_rng(8).standard_normal((batch + 1, 3, 4, 4)).astype(np.float32) * 2
+    for r in (0.0, 0.5, 1.0):
+        plain.set_ratio(r), deploy.set_ratio(r)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
+    for counts in counts_grid(plan, seed=4):
+        plain.set_counts(counts), deploy.set_counts(counts)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")

@@ -72,6 +72,29 @@ def _lower_expr(q, e, lo4: int, hi4: int):
     return tvm.tirx.shift_left(v, e)
 
 
+def _act_code_or_lowered(v, scale: float, unsigned: bool, low, e, lo4: int, hi4: int):
+    """The INT8 code of ``v`` (:func:`_act_code`), lowered (:func:`_lower_expr` with shift ``e``)
+    where ``low``, without a branch and with two integer operations more than the code alone.
+
+    Lowering is ``g(q) = (q + r) & -2^e`` (``r = 2^e >> 1``) clamped to ``[lo4, hi4] * 2^e``; ``g``
+    is monotone and those bounds are multiples of ``2^e``, so the clamp moves before it:
+    ``clamp(g(q), L, H) = g(clamp(q, L - r, H + 2^e - r - 1))``, and the two clamps (INT8 range,
+    then that one) are one clamp to the intersection. An INT8 channel takes ``e = 0``, for which
+    ``g`` is the identity and the bounds are the INT8 range. The bounds are per channel, so the
+    float clamp the code always had does both jobs; what is left per element is ``+ r`` and the mask."""
+    lo8, hi8 = (0, 255) if unsigned else (-127, 127)
+    e = tvm.tirx.Select(low, e, _i32(0))
+    step = tvm.tirx.shift_left(_i32(1), e)
+    rnd = tvm.tirx.shift_right(step, _i32(1))
+    lo = tvm.tirx.max(tvm.tirx.shift_left(_i32(lo4), e) - rnd, _i32(lo8))
+    hi = tvm.tirx.min(tvm.tirx.shift_left(_i32(hi4), e) + step - rnd - _i32(1), _i32(hi8))
+    lo = tvm.tirx.Select(low, lo, _i32(lo8)).astype("float32")
+    hi = tvm.tirx.Select(low, hi, _i32(hi8)).astype("float32")
+    q = tvm.tirx.floor(v / tvm.tirx.const(float(scale), "float32") + tvm.tirx.const(0.5, "float32"))
+    q = tvm.tirx.max(tvm.tirx.min(q, hi), lo).astype("int32")
+    return (q + rnd) & (_i32(0) - step)
+
+
 def _act_code(v, scale: float, unsigned: bool):
     """The INT8 code of float32 activation ``v``: ``clamp(floor(v / s + 0.5), lo, hi)`` as int32
     (METHOD section 1), the one definition the quantize kernel and a requantizing epilogue share."""
@@ -269,18 +292,19 @@ def quantize_act(
     def code(*idx):
         return _act_code(x(*idx), scale, unsigned)
 
-    # Whether a channel is lowered is one scalar test per channel. Where the channel is not the
-    # innermost (vectorized) axis, `if_then_else` keeps it a branch that the whole row takes
-    # (predicted, and LLVM unswitches it), so a row of INT8 channels skips the lowering's
-    # arithmetic; a `Select` computes both sides for every element (MobileNetV2's 112x112x96
-    # quantize: 0.21 -> 0.16 ms). Channel-last layouts keep the `Select`: a vector condition
-    # would make TVM scalarize the loop; so does `pack4`, whose word mixes four channels (four
-    # branches per word measured 3x slower than the selects).
+    # Whether a channel is lowered is one scalar test per channel. Static NCHW rows fold it into
+    # per-channel clamp bounds and a mask (`_act_code_or_lowered`: no branch, two integer ops more
+    # than the INT8 code; the per-row branch it replaces was mispredicted on the random pattern of
+    # low channels: 5-10% slower kernels at ratio 0.5 than at 0). Channel-last layouts keep a `Select`
+    # (a vector condition would make TVM scalarize the loop); so does `pack4` under its one test
+    # per word; dynamic NCHW rows branch per (sample, channel).
     choose = tvm.tirx.Select if (channel_axis == nd - 1 or pack4 is not None) else tvm.tirx.if_then_else
 
     if not dynamic:
         def qval(*idx):
             c = idx[channel_axis]
+            if channel_axis != nd - 1 and pack4 is None:
+                return _act_code_or_lowered(x(*idx), scale, unsigned, rank[c] < counts[li], shift[c], lo4, hi4).astype(odt)
             q = code(*idx)
             low = rank[c] < counts[li]
             q = choose(low, _lower_expr(q, shift[c], lo4, hi4), q)
@@ -814,9 +838,8 @@ def _requant_output(y, requant: dict):
     shift = te.placeholder((O,), "int32", name="shift")
 
     def code(n, o, h, w):
-        c = _act_code(y[n, o, h, w], rq_scale, rq_unsigned)
-        # one branch per output channel row, as in quantize_act's NCHW form
-        return tvm.tirx.if_then_else(rank[o] < counts[li], _lower_expr(c, shift[o], lo4, hi4), c).astype(odt)
+        return _act_code_or_lowered(y[n, o, h, w], rq_scale, rq_unsigned, rank[o] < counts[li], shift[o],
+                                    lo4, hi4).astype(odt)
 
     if pt or pl or pb or pr:
         def padded(n, o, h, w):

@@ -186,7 +186,10 @@ def _sched_quantize(sch: s_tir.Schedule, func):
             _vec_inner(sch, sch.fuse(fh, fw), 64)
         except Exception:  # noqa: BLE001  (no padding: nothing to decompose)
             pass
-        _vec_inner(sch, sch.get_loops(blk)[-1], 64)
+        # packed words: 64 lanes; the static NCHW codes (per-channel clamp bounds and mask,
+        # `compute._act_code_or_lowered`) 16: LLVM scalarized that integer tail at 64 (7x slower)
+        static_rows = str(_attr(func, "layout", "")) == "NCHW" and not _attr(func, "dynamic", 0)
+        _vec_inner(sch, sch.get_loops(blk)[-1], 16 if static_rows else 64)
     else:  # channel-last [.., C]
         _sched_channel_last(sch, blk, par)
 

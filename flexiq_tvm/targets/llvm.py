@@ -14,6 +14,7 @@ from ..passes.fuse_residual import fuse_residual_adds
 from ..passes.hoist_weights import hoist_weight_lowering
 from ..passes.pack_conv_input import pack_conv_inputs
 from ..passes.vnni_narrow_input import vnni_narrow_convs
+from ..passes.dense_on_vnni import dense_on_vnni
 from ..passes.depthwise_input_view import view_depthwise_inputs
 from ..schedules.compute import KERNEL_ATTR
 from ..schedules import llvm as llvm_schedules
@@ -71,7 +72,8 @@ class LLVMTarget(FlexiQTarget):
         """Target-specific Relax rewrites before the kernels are scheduled, each keeping the
         integers (the artifact stays bit-exact):
 
-        * RGB stems on the VNNI dot product (`passes.vnni_narrow_input`);
+        * dense layers as 1x1 convs over the transposed batch, on the VNNI dot product
+          (`passes.dense_on_vnni`), and RGB stems on VNNI (`passes.vnni_narrow_input`);
         * depthwise kernels reading their input through a view that vectorizes: column pairs at
           stride 2, the flattened plane over narrow rows (`passes.depthwise_input_view`); other
           strided depthwise kernels over full rows;
@@ -82,7 +84,7 @@ class LLVMTarget(FlexiQTarget):
           whose output they read (`passes.fuse_residual`) and the 1x1 convs that feed a depthwise
           conv writing its INT8 codes (`passes.fuse_requant`)."""
         if self.kernel_variants:
-            mod = pack_conv_inputs(full_row_depthwise(view_depthwise_inputs(vnni_narrow_convs(mod))))
+            mod = pack_conv_inputs(full_row_depthwise(view_depthwise_inputs(vnni_narrow_convs(dense_on_vnni(mod)))))
         if self.fuse_activations:
             mod = fuse_activations(mod)
         if self.hoist_weights:
