@@ -45,7 +45,7 @@ def _eligible(df, qf, lf, wconst) -> bool:
         return False
     if int(qf.attrs.get("flexiq.dynamic", 0)) or len(param_shape(qf, 0)) != 2 or int(lf.attrs.get("flexiq.w_prepacked", 0)):
         return False
-    M, C = param_shape(df, 0)
+    C = param_shape(df, 0)[1]
     O = param_shape(df, len(df.params) - 1)[1]
     return choose_conv_layout(O, 1, C)[0] == "OIHWo4i"
 
@@ -94,15 +94,14 @@ def dense_on_vnni(mod: tvm.IRModule) -> tvm.IRModule:
                 layout, ob = choose_conv_layout(O, 1, C)
                 qa, la, da = qf.attrs, lf.attrs, df.attrs
                 L, li = int(qa["flexiq.num_layers"]), int(qa["flexiq.layer_index"])
-                qk = bb.add_func(_with_attrs(quantize_act((1, C, M, 1), 1, 0, float(qa["flexiq.scale"]),
-                                                           bool(qa["flexiq.unsigned"]), li, L), qf), qb.value.args[0].name_hint + "_nchw")
-                lk = bb.add_func(_with_attrs(lower_weight((O, C, 1, 1), 1, param_shape(lf, 3)[1], int(la["flexiq.layer_index"]),
-                                                           param_shape(lf, 1)[0], in_channels=C, ob=ob, layout=layout), lf),
-                                 lb.value.args[0].name_hint + "_vnni")
-                ck = bb.add_func(_with_attrs(conv2d_int8((1, C, M, 1), (O, C, 1, 1), unsigned=bool(da["flexiq.unsigned"]), ob=ob,
-                                             layout=layout, exact_epilogue=bool(int(da.get("flexiq.exact_epilogue", 1))),
-                                             act=_act(da)), df),
-                                 b.value.args[0].name_hint + "_conv")
+                qkern = quantize_act((1, C, M, 1), 1, 0, float(qa["flexiq.scale"]), bool(qa["flexiq.unsigned"]), li, L)
+                lkern = lower_weight((O, C, 1, 1), 1, param_shape(lf, 3)[1], int(la["flexiq.layer_index"]),
+                                     param_shape(lf, 1)[0], in_channels=C, ob=ob, layout=layout)
+                ckern = conv2d_int8((1, C, M, 1), (O, C, 1, 1), unsigned=bool(da["flexiq.unsigned"]), ob=ob, layout=layout,
+                                    exact_epilogue=bool(int(da.get("flexiq.exact_epilogue", 1))), act=_act(da))
+                qk = bb.add_func(_with_attrs(qkern, qf), qb.value.args[0].name_hint + "_nchw")
+                lk = bb.add_func(_with_attrs(lkern, lf), lb.value.args[0].name_hint + "_vnni")
+                ck = bb.add_func(_with_attrs(ckern, df), b.value.args[0].name_hint + "_conv")
                 x = qb.value.args[1].fields[0]
                 qdt = "uint8" if bool(qa["flexiq.unsigned"]) else "int8"
                 xt = relax.DataflowVar("x_cols", relax.TensorType((C, M), "float32"))
