@@ -19,22 +19,9 @@ from tvm import relax
 
 from ..schedules.compute import (KERNEL_ATTR, choose_conv_layout, conv2d_int8, lower_weight, param_shape,
                                  quantize_act)
+from .kernel_calls import finish, flexiq_kernel, kernel_kind
 
 __all__ = ["dense_on_vnni"]
-
-_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
-
-
-def _kernel(mod, call):
-    if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
-        f = mod[call.args[0]]
-        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
-            return f
-    return None
-
-
-def _kind(mod, b) -> str:
-    return str(getattr(_kernel(mod, b.value), "attrs", {}).get(KERNEL_ATTR, ""))
 
 
 def _eligible(df, qf, lf, wconst) -> bool:
@@ -76,14 +63,14 @@ def dense_on_vnni(mod: tvm.IRModule) -> tvm.IRModule:
         for blk in f.body.blocks:
             out = []
             for b in blk.bindings:
-                df = _kernel(mod, b.value)
+                df = flexiq_kernel(mod, b.value)
                 if df is None or str(df.attrs[KERNEL_ATTR]) != "dense_int8":
                     out.append(b)
                     continue
                 args = list(b.value.args[1].fields)
                 qb, lb = by_var.get(args[0]), by_var.get(args[1])
-                qf = _kernel(mod, qb.value) if qb is not None and _kind(mod, qb) == "quantize_act" else None
-                lf = _kernel(mod, lb.value) if lb is not None and _kind(mod, lb) == "lower_weight" else None
+                qf = flexiq_kernel(mod, qb.value) if qb is not None and kernel_kind(mod, qb.value) == "quantize_act" else None
+                lf = flexiq_kernel(mod, lb.value) if lb is not None and kernel_kind(mod, lb.value) == "lower_weight" else None
                 wconst = lb.value.args[1].fields[0] if lf is not None else None
                 if not (_eligible(df, qf, lf, wconst) and any(x.same_as(qb) for x in out)
                         and any(x.same_as(lb) for x in out)):
@@ -135,7 +122,4 @@ def dense_on_vnni(mod: tvm.IRModule) -> tvm.IRModule:
             changed = True
     if not changed:
         return mod
-    return relax.transform.DeadCodeElimination(
-        [g.name_hint for g, fn in bb.get().functions_items()
-         if isinstance(fn, relax.Function) and fn.attrs is not None and "global_symbol" in fn.attrs])(
-        relax.transform.Normalize()(bb.get()))
+    return finish(bb.get())

@@ -26,21 +26,12 @@ import tvm
 from tvm import relax
 
 from ..schedules.compute import KERNEL_ATTR, param_shape, rebuild_kernel
+from .kernel_calls import finish, flexiq_kernel, kernel_kind
 
 __all__ = ["view_depthwise_inputs"]
 
 # the flattened plane pays off below this output row width (measured: 7 and 14 gain, 28 loses)
 FLAT_MAX_WIDTH = 16
-
-_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
-
-
-def _kernel(mod, call):
-    if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
-        f = mod[call.args[0]]
-        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
-            return f
-    return None
 
 
 def _view_form(kf):
@@ -83,20 +74,20 @@ def view_depthwise_inputs(mod: tvm.IRModule) -> tvm.IRModule:
             continue
         bindings = [b for blk in f.body.blocks for b in blk.bindings]
         qbind = {b.var: b for b in bindings
-                 if str(getattr(_kernel(mod, b.value), "attrs", {}).get(KERNEL_ATTR, "")) == "quantize_act"}
+                 if kernel_kind(mod, b.value) == "quantize_act"}
         new_blocks, touched = [], False
         for blk in f.body.blocks:
             out = []
             for b in blk.bindings:
-                kf = _kernel(mod, b.value)
+                kf = flexiq_kernel(mod, b.value)
                 src = b.value.args[1].fields[0] if kf is not None else None
                 qb = qbind.get(src) if isinstance(src, relax.Var) else None
                 form = _view_form(kf) if kf is not None else None
-                if (form is None or qb is None or not _viewable_quantize(_kernel(mod, qb.value))
+                if (form is None or qb is None or not _viewable_quantize(flexiq_kernel(mod, qb.value))
                         or _uses(f, qb.var) != 1 or not any(x.same_as(qb) for x in out)):
                     out.append(b)
                     continue
-                qf = _kernel(mod, qb.value)
+                qf = flexiq_kernel(mod, qb.value)
                 N, C, Hp, Wp = param_shape(qf, 4)
                 t, l, bt, r = (int(v) for v in qf.attrs["flexiq.pad"])
                 qcall, qdt = qb.value, str(qf.params[4].dtype)
@@ -127,7 +118,4 @@ def view_depthwise_inputs(mod: tvm.IRModule) -> tvm.IRModule:
             changed = True
     if not changed:
         return mod
-    return relax.transform.DeadCodeElimination(
-        [g.name_hint for g, fn in bb.get().functions_items()
-         if isinstance(fn, relax.Function) and fn.attrs is not None and "global_symbol" in fn.attrs])(
-        relax.transform.Normalize()(bb.get()))
+    return finish(bb.get())

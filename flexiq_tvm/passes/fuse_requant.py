@@ -22,18 +22,9 @@ import tvm
 from tvm import relax
 
 from ..schedules.compute import KERNEL_ATTR, param_shape, rebuild_kernel
+from .kernel_calls import finish, flexiq_kernel
 
 __all__ = ["fuse_requantization"]
-
-_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
-
-
-def _kernel(mod, call):
-    if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
-        f = mod[call.args[0]]
-        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
-            return f
-    return None
 
 
 def _fusable_conv(kf) -> bool:
@@ -67,12 +58,12 @@ def fuse_requantization(mod: tvm.IRModule) -> tvm.IRModule:
     bound = {b.var: b for b in bindings}
     fuse = {}            # quantize binding var -> the conv binding it absorbs
     for b in bindings:
-        qf = _kernel(mod, b.value)
+        qf = flexiq_kernel(mod, b.value)
         if qf is None or not _fusable_quantize(qf):
             continue
         src = b.value.args[1].fields[0]
         cb = bound.get(src) if isinstance(src, relax.Var) else None
-        cf = _kernel(mod, cb.value) if cb is not None else None
+        cf = flexiq_kernel(mod, cb.value) if cb is not None else None
         if cf is None or not _fusable_conv(cf) or uses[src] != 1:
             continue
         if param_shape(qf, 0) != param_shape(cf, len(cf.params) - 1):
@@ -91,7 +82,7 @@ def fuse_requantization(mod: tvm.IRModule) -> tvm.IRModule:
                 continue
             if b.var in fuse:
                 cb, qcall = fuse[b.var], b.value
-                qf, cf = _kernel(mod, qcall), _kernel(mod, fuse[b.var].value)
+                qf, cf = flexiq_kernel(mod, qcall), flexiq_kernel(mod, fuse[b.var].value)
                 a = qf.attrs
                 requant = dict(scale=float(a["flexiq.scale"]), unsigned=bool(a["flexiq.unsigned"]),
                                pad=[int(v) for v in a["flexiq.pad"]], layer_index=int(a["flexiq.layer_index"]),
@@ -106,7 +97,4 @@ def fuse_requantization(mod: tvm.IRModule) -> tvm.IRModule:
     out[mod.get_global_var("main")] = relax.Function(main.params, relax.SeqExpr(blocks, main.body.body),
                                                       main.ret_ty, main.is_pure, main.attrs)
     new = tvm.IRModule(out, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(out)
-    return relax.transform.DeadCodeElimination(
-        [g.name_hint for g, fn in new.functions_items()
-         if isinstance(fn, relax.Function) and fn.attrs is not None and "global_symbol" in fn.attrs])(
-        relax.transform.Normalize()(new))
+    return finish(new)

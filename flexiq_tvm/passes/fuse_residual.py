@@ -16,19 +16,11 @@ import tvm
 from tvm import relax
 
 from ..schedules.compute import KERNEL_ATTR, rebuild_kernel
+from .kernel_calls import finish, flexiq_kernel
 
 __all__ = ["fuse_residual_adds"]
 
-_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 _ADD = tvm.ir.Op.get("relax.add")
-
-
-def _kernel(mod, call):
-    if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
-        f = mod[call.args[0]]
-        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
-            return f
-    return None
 
 
 def _fusable_conv(kf) -> bool:
@@ -71,7 +63,7 @@ def fuse_residual_adds(mod: tvm.IRModule) -> tvm.IRModule:
             continue
         for y, r in ((v.args[0], v.args[1]), (v.args[1], v.args[0])):
             cb = bound.get(y) if isinstance(y, relax.Var) else None
-            kf = _kernel(mod, cb.value) if cb is not None else None
+            kf = flexiq_kernel(mod, cb.value) if cb is not None else None
             if (kf is not None and _fusable_conv(kf) and uses[y] == 1 and isinstance(r, relax.Var)
                     and not r.same_as(y) and _same_tensor_type(y, r) and _same_tensor_type(y, b.var)):
                 fuse[b.var] = (cb, r)
@@ -89,7 +81,7 @@ def fuse_residual_adds(mod: tvm.IRModule) -> tvm.IRModule:
                 continue
             if b.var in fuse:
                 cb, r = fuse[b.var]
-                kf = _kernel(mod, cb.value)
+                kf = flexiq_kernel(mod, cb.value)
                 kgv = bb.add_func(rebuild_kernel(kf, residual=True), cb.value.args[0].name_hint + "_res")
                 call = cb.value
                 b = relax.VarBinding(b.var, relax.call_tir(kgv, list(call.args[1].fields) + [r],
@@ -101,7 +93,4 @@ def fuse_residual_adds(mod: tvm.IRModule) -> tvm.IRModule:
     out[mod.get_global_var("main")] = relax.Function(main.params, relax.SeqExpr(blocks, main.body.body),
                                                       main.ret_ty, main.is_pure, main.attrs)
     new = tvm.IRModule(out, attrs=mod.attrs) if mod.attrs is not None else tvm.IRModule(out)
-    return relax.transform.DeadCodeElimination(
-        [g.name_hint for g, fn in new.functions_items()
-         if isinstance(fn, relax.Function) and fn.attrs is not None and "global_symbol" in fn.attrs])(
-        relax.transform.Normalize()(new))
+    return finish(new)

@@ -15,18 +15,9 @@ import tvm
 from tvm import relax
 
 from ..schedules.compute import KERNEL_ATTR, param_shape, rebuild_kernel
+from .kernel_calls import finish, flexiq_kernel, kernel_kind
 
 __all__ = ["pack_conv_inputs"]
-
-_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
-
-
-def _kernel(mod, call):
-    if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
-        f = mod[call.args[0]]
-        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
-            return f
-    return None
 
 
 def _packable(qf, kf) -> bool:
@@ -44,18 +35,18 @@ def pack_conv_inputs(mod: tvm.IRModule) -> tvm.IRModule:
             continue
         bindings = [b for blk in f.body.blocks for b in blk.bindings]
         qbind = {b.var: b for b in bindings
-                 if str(getattr(_kernel(mod, b.value), "attrs", {}).get(KERNEL_ATTR, "")) == "quantize_act"}
+                 if kernel_kind(mod, b.value) == "quantize_act"}
         new_blocks, touched = [], False
         for blk in f.body.blocks:
             out = []
             for b in blk.bindings:
-                kf = _kernel(mod, b.value)
+                kf = flexiq_kernel(mod, b.value)
                 src = b.value.args[1].fields[0] if kf is not None else None
                 qb = qbind.get(src) if src is not None and isinstance(src, relax.Var) else None
-                if kf is None or qb is None or not _packable(_kernel(mod, qb.value), kf):
+                if kf is None or qb is None or not _packable(flexiq_kernel(mod, qb.value), kf):
                     out.append(b)
                     continue
-                qf = _kernel(mod, qb.value)
+                qf = flexiq_kernel(mod, qb.value)
                 groups = int(kf.attrs["flexiq.groups"])
                 C = int(kf.attrs["flexiq.in_channels"])
                 qk = bb.add_func(rebuild_kernel(qf, pack4=(groups, C // groups)), qb.value.args[0].name_hint + "_packed")
@@ -79,10 +70,7 @@ def pack_conv_inputs(mod: tvm.IRModule) -> tvm.IRModule:
             changed = True
     if not changed:
         return mod
-    return relax.transform.DeadCodeElimination(
-        [g.name_hint for g, fn in bb.get().functions_items()
-         if isinstance(fn, relax.Function) and fn.attrs is not None and "global_symbol" in fn.attrs])(
-        relax.transform.Normalize()(bb.get()))
+    return finish(bb.get())
 
 
 def _spatial_ok(kf) -> bool:

@@ -16,21 +16,13 @@ import tvm
 from tvm import relax
 
 from ..schedules.compute import KERNEL_ATTR, param_shape, rebuild_kernel
+from .kernel_calls import finish, flexiq_kernel, kernel_kind
 
 __all__ = ["vnni_narrow_convs"]
 
-_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 
 # input channels per group that take the padded VNNI layout (measured: 3, an RGB image)
 NARROW_CHANNELS = (3,)
-
-
-def _kernel(mod, call):
-    if isinstance(call, relax.Call) and call.op.same_as(_CALL_TIR):
-        f = mod[call.args[0]]
-        if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs:
-            return f
-    return None
 
 
 def _narrow(kf) -> bool:
@@ -51,12 +43,12 @@ def vnni_narrow_convs(mod: tvm.IRModule) -> tvm.IRModule:
             continue
         bindings = [b for blk in f.body.blocks for b in blk.bindings]
         lower = {b.var: b for b in bindings
-                 if str(getattr(_kernel(mod, b.value), "attrs", {}).get(KERNEL_ATTR, "")) == "lower_weight"}
+                 if kernel_kind(mod, b.value) == "lower_weight"}
         new_blocks, touched = [], False
         for blk in f.body.blocks:
             out = []
             for b in blk.bindings:
-                kf = _kernel(mod, b.value)
+                kf = flexiq_kernel(mod, b.value)
                 wsrc = b.value.args[1].fields[1] if kf is not None else None
                 lb = lower.get(wsrc) if isinstance(wsrc, relax.Var) else None
                 if kf is None or lb is None or not _narrow(kf) or not any(x.same_as(lb) for x in out):
@@ -64,7 +56,7 @@ def vnni_narrow_convs(mod: tvm.IRModule) -> tvm.IRModule:
                     continue
                 O = param_shape(kf, len(kf.params) - 1)[1]
                 ob = 16 if O % 16 == 0 else 8
-                lf = rebuild_kernel(_kernel(mod, lb.value), layout="OIHWo4i", ob=ob)
+                lf = rebuild_kernel(flexiq_kernel(mod, lb.value), layout="OIHWo4i", ob=ob)
                 lk = bb.add_func(lf, lb.value.args[0].name_hint + "_vnni")
                 ck = bb.add_func(rebuild_kernel(kf, layout="OIHWo4i", ob=ob), b.value.args[0].name_hint + "_vnni")
                 wty = relax.TensorType(param_shape(lf, len(lf.params) - 1), "int8")
@@ -84,7 +76,4 @@ def vnni_narrow_convs(mod: tvm.IRModule) -> tvm.IRModule:
             changed = True
     if not changed:
         return mod
-    return relax.transform.DeadCodeElimination(
-        [g.name_hint for g, fn in bb.get().functions_items()
-         if isinstance(fn, relax.Function) and fn.attrs is not None and "global_symbol" in fn.attrs])(
-        relax.transform.Normalize()(bb.get()))
+    return finish(bb.get())
