@@ -18,6 +18,7 @@ from collections import Counter
 import tvm
 from tvm import relax
 
+from ..frontend.graph import use_counts
 from ..schedules.compute import KERNEL_ATTR, rebuild_kernel
 
 __all__ = ["fuse_activations"]
@@ -64,17 +65,6 @@ def _bound(call, var):
     return None
 
 
-def _uses(func) -> Counter:
-    n = Counter()
-    for block in func.body.blocks:
-        for b in block.bindings:
-            for v in relax.analysis.free_vars(b.value):
-                n[v] += 1
-    for v in relax.analysis.free_vars(func.body.body):
-        n[v] += 1
-    return n
-
-
 def _combine(a, b):
     lo = b[0] if a[0] is None else (a[0] if b[0] is None else max(a[0], b[0]))
     hi = b[1] if a[1] is None else (a[1] if b[1] is None else min(a[1], b[1]))
@@ -83,7 +73,7 @@ def _combine(a, b):
 
 def fuse_activations(mod: tvm.IRModule) -> tvm.IRModule:
     main = mod["main"]
-    uses = _uses(main)
+    uses = Counter(use_counts(main))
     bindings = [b for block in main.body.blocks for b in block.bindings]
     user_of = {}
     for b in bindings:

@@ -15,6 +15,7 @@ from collections import Counter
 import tvm
 from tvm import relax
 
+from ..frontend.graph import use_counts
 from ..schedules.compute import KERNEL_ATTR, rebuild_kernel
 from .kernel_calls import finish, flexiq_kernel
 
@@ -40,20 +41,9 @@ def _same_tensor_type(a, b) -> bool:
         return False
 
 
-def _uses(func) -> Counter:
-    n = Counter()
-    for block in func.body.blocks:
-        for b in block.bindings:
-            for v in relax.analysis.free_vars(b.value):
-                n[v] += 1
-    for v in relax.analysis.free_vars(func.body.body):
-        n[v] += 1
-    return n
-
-
 def fuse_residual_adds(mod: tvm.IRModule) -> tvm.IRModule:
     main = mod["main"]
-    uses = _uses(main)
+    uses = Counter(use_counts(main))
     bindings = [b for block in main.body.blocks for b in block.bindings]
     bound = {b.var: b for b in bindings}
     fuse = {}            # add binding var -> (conv binding, shortcut expr)
