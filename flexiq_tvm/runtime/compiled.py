@@ -68,6 +68,12 @@ class CompiledModel:
     def vm(self):
         """The Relax VM on the artifact's device, created at the first call that needs the device."""
         if self._vm is None:
+            if self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type():
+                # kernels built for an AMX host use tile instructions, which Linux allows only
+                # after the process asks (a no-op elsewhere)
+                from ..schedules.x86_amx import request_amx_permission
+
+                request_amx_permission()
             self._vm = relax.VirtualMachine(self.executable, self.device)
             self._main = self._vm["main"]
             if self._vm.module.implements_function(LOWER_WEIGHTS_FUNC):

@@ -587,6 +587,7 @@ def conv2d_int8(
     requant: dict | None = None,
     flat_plane: bool = False,
     residual: bool = False,
+    amx: bool = False,
 ) -> tvm.tirx.PrimFunc:
     """INT8 conv2d over an already padded NCHW input, weight in the lowered layout.
 
@@ -644,6 +645,11 @@ def conv2d_int8(
     with zeros. Params ``(qx, w_l, scale, bias, counts, rank, shift, q)``; ``counts``, ``rank`` and
     ``shift`` are the reader's, ``q`` is uint8 or int8 ``[N, O, OH + pt + pb, OW + pl + pr]``.
     The float map is never written.
+
+    ``amx=True`` (``spatial_lanes`` with ``ob == 1``; the llvm target's form of those convs on CPUs
+    with Intel AMX): the same computation, which the schedule runs on AMX tile instructions
+    (``x86_amx.py``); ``ob == 1`` makes the weight ``[O, C/4, 4]``, one output channel per tile row.
+    Any plane size (a narrower tile takes the last ``OH * OW % 16`` positions).
     """
     N, C, Hp, Wp = (int(v) for v in x_padded_shape)
     O, Cg, KH, KW = (int(v) for v in w_shape)
@@ -659,8 +665,11 @@ def conv2d_int8(
     if packed_input and layout != "OIHWo4i":
         raise ValueError("packed_input needs the OIHWo4i (VNNI) layout")
     if spatial_lanes and not (packed_input and layout == "OIHWo4i" and groups == 1 and KH == KW == 1
-                              and (sh, sw) == (1, 1) and (OH, OW) == (Hp, Wp) and (OH * OW) % 16 == 0):
-        raise ValueError("spatial_lanes needs a packed, unpadded 1x1 stride-1 conv with OH*OW % 16 == 0")
+                              and (sh, sw) == (1, 1) and (OH, OW) == (Hp, Wp) and (amx or (OH * OW) % 16 == 0)):
+        raise ValueError("spatial_lanes needs a packed, unpadded 1x1 stride-1 conv with OH*OW % 16 == 0 "
+                         "(any OH*OW with amx)")
+    if amx and not (spatial_lanes and ob == 1):
+        raise ValueError("amx needs spatial_lanes and ob == 1")
     pair_cols = bool(pair_cols) and layout == "OIHWo" and sw == 2 and not packed_input
     flat_plane = (bool(flat_plane) and layout == "OIHWo" and ob == 1 and (sh, sw) == (1, 1)
                   and not (packed_input or pair_cols))
@@ -819,7 +828,8 @@ def conv2d_int8(
     return _finish(func, "conv2d_int8", ob=int(ob), groups=int(groups), out=out, **rq_attrs,
                    unsigned=bool(unsigned), layout=layout, strides=[sh, sw], dilation=[dh, dw], in_channels=C,
                    full_rows=full_rows, exact_epilogue=bool(exact_epilogue), packed_input=bool(packed_input),
-                   spatial_lanes=bool(spatial_lanes), **({"pair_cols": True, "in_width": Wp} if pair_cols else {}),
+                   spatial_lanes=bool(spatial_lanes), **({"amx": True} if amx else {}),
+                   **({"pair_cols": True, "in_width": Wp} if pair_cols else {}),
                    **({"flat_plane": True, "in_height": Hp, "in_width": Wp} if flat_plane else {}),
                    **_act_attrs(act))
 
@@ -949,7 +959,7 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
                     layout=str(a["flexiq.layout"]), full_rows=bool(opt("full_rows", False)),
                     packed_input=packed, spatial_lanes=bool(opt("spatial_lanes", False)),
                     pair_cols=bool(opt("pair_cols", False)), flat_plane=bool(opt("flat_plane", False)),
-                    residual=bool(opt("residual", False)))
+                    residual=bool(opt("residual", False)), amx=bool(opt("amx", False)))
         if "flexiq.requant_scale" in a:
             args["requant"] = dict(scale=float(a["flexiq.requant_scale"]), unsigned=bool(a["flexiq.requant_unsigned"]),
                                    pad=[int(v) for v in a["flexiq.requant_pad"]],

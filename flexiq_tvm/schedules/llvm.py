@@ -395,7 +395,49 @@ def _sched_conv_spatial(sch: s_tir.Schedule, func, target):
     sch.unroll(oi)
 
 
+def _sched_conv_amx(sch: s_tir.Schedule, func, target):
+    """A spatial-lanes 1x1 conv on Intel AMX (``compute.conv2d_int8(amx=True)``): tile = 16 or 32
+    output channels x whole output rows (about 256 positions, a multiple of 16, or the whole plane
+    when it is not a multiple of 16). One AMX intrinsic call per tile (``x86_amx.get_amx_intrin``:
+    the accumulator tiles stay in registers over the whole input-channel reduction) writes the
+    tile's accumulators to a small buffer, which the NCHW epilogue then reads row by row,
+    vectorized. No sampled choice: tuning measures it once."""
+    import math
+
+    from .x86_amx import amx_blocking, get_amx_intrin
+
+    acc = sch.get_sblock("acc")
+    y = _output_block(sch, func)
+    N, O, OH, OW = (_extent(sch, l) for l in sch.get_loops(y))
+    CB = _buf_shape(func, "qx")[1]
+    par = N * O * OH * OW * CB * 4 >= _PARALLEL_MIN_MACS
+    _sched_weight_sum(sch)
+    orow, n_o, kcb = amx_blocking(O, CB)
+    if (OH * OW) % 16:      # whole planes (the intrinsic takes the last positions on narrower tiles)
+        rows = OH
+    else:                   # whole rows, a multiple of 16 positions, about 256
+        R = 16 // math.gcd(OW, 16)
+        rows = R * max(1, 256 // (R * OW))
+        while OH % rows:
+            rows -= R
+    P = rows * OW
+    n_p = 2 if P % 32 == 0 else 1
+    yn, yo, yh, yw = sch.get_loops(y)
+    yoo, yoi = sch.split(yo, [None, orow * n_o])
+    yho, yhi = sch.split(yh, [None, rows])
+    sch.reorder(yn, yoo, yho, yoi, yhi, yw)
+    outer = sch.fuse(yn, yoo, yho)
+    if par:
+        sch.parallel(outer)
+    _vec_inner(sch, yw, 16)
+    sch.compute_at(acc, outer, preserve_unit_loops=True)
+    top = sch.get_loops(acc)[1]
+    sch.tensorize(top, get_amx_intrin(orow * n_o, P, CB, orow, kcb, n_p))
+
+
 def _sched_conv(sch: s_tir.Schedule, func, target=None):
+    if _attr(func, "amx", 0):
+        return _sched_conv_amx(sch, func, target)
     if _attr(func, "spatial_lanes", 0):
         return _sched_conv_spatial(sch, func, target)
     if _attr(func, "layout", "OIHWo") == "OIHWo4i":

@@ -18,6 +18,7 @@ from ..passes.dense_on_vnni import dense_on_vnni
 from ..passes.depthwise_input_view import view_depthwise_inputs
 from ..schedules.compute import KERNEL_ATTR
 from ..schedules import llvm as llvm_schedules
+from ..schedules.x86_amx import amx_usable, target_has_amx, with_amx
 from . import register_target
 from .base import FlexiQTarget
 
@@ -26,8 +27,10 @@ def host_target(num_cores: int = None) -> tvm.target.Target:
     import os
 
     cores = num_cores or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                              "num-cores": int(cores)})
+    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
+                                "num-cores": int(cores)})
+    # a CPU with Intel AMX that this process may use: its 1x1 convs run on AMX tiles
+    return with_amx(target) if amx_usable() else target
 
 
 def full_row_depthwise(mod: tvm.IRModule) -> tvm.IRModule:
@@ -84,7 +87,8 @@ class LLVMTarget(FlexiQTarget):
           whose output they read (`passes.fuse_residual`) and the 1x1 convs that feed a depthwise
           conv writing its INT8 codes (`passes.fuse_requant`)."""
         if self.kernel_variants:
-            mod = pack_conv_inputs(full_row_depthwise(view_depthwise_inputs(vnni_narrow_convs(dense_on_vnni(mod)))))
+            mod = pack_conv_inputs(full_row_depthwise(view_depthwise_inputs(vnni_narrow_convs(dense_on_vnni(mod)))),
+                                   amx=target_has_amx(self.tvm_target) and amx_usable())
         if self.fuse_activations:
             mod = fuse_activations(mod)
         if self.hoist_weights:

@@ -89,6 +89,16 @@ def register_intrinsics(target) -> None:
         pass
 
 
+def _register_shape_intrinsics(mod) -> None:
+    """The AMX kernels' tensor intrinsics are made per tile shape (schedules/x86_amx.py): their
+    hand schedule registers the one a record of this kernel replays."""
+    f = mod["main"] if "main" in [gv.name_hint for gv in mod.get_global_vars()] else None
+    if f is not None and f.attrs is not None and int(f.attrs.get("flexiq.amx", 0)):
+        from ..schedules import llvm as llvm_schedules
+
+        llvm_schedules.schedule_llvm(f)
+
+
 class TuningDB:
     """One target's part of a tuning database directory."""
 
@@ -171,6 +181,7 @@ class TuningDB:
                         workloads[idx] = ms.database.Workload.from_json(wl_json[idx])
                     wl = workloads[idx]
                     name = _kernel_name(wl.mod)
+                    _register_shape_intrinsics(wl.mod)
                     rec = ms.database.TuningRecord.from_json(rec_json, wl)
                     rec.trace.apply_to_schedule(Schedule(wl.mod), remove_postproc=False)
                 except Exception:  # noqa: BLE001  (malformed line or a trace that fails to replay)

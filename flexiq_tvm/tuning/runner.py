@@ -95,6 +95,11 @@ def _alloc_args(device, args_info, alloc_repeat):
 
 
 def local_alloc_argument(device, args_info, alloc_repeat):
+    # (in the runner's worker process, before it runs a candidate: an AMX kernel needs the
+    # process's permission for the tile state, or the worker dies with SIGILL)
+    from ..schedules.x86_amx import request_amx_permission
+
+    request_amx_permission()
     return _alloc_args(device, args_info, alloc_repeat)
 
 
