@@ -356,27 +356,42 @@ def _output_block(sch: s_tir.Schedule, func):
     return q
 
 
-def _sched_conv_spatial(sch: s_tir.Schedule, func, target):
-    """Packed 1x1 conv with the accumulator along the output positions (compute.conv2d_int8
-    `spatial_lanes`): tile = ob channels x R whole output rows (R * OW a multiple of 16); per
-    16 positions, the ob accumulators stay put over the input-channel quads, each quad one
-    64-byte activation load feeding ob VNNI instructions with broadcast weights; the epilogue
-    then writes whole rows."""
-    import math
-
-    from .x86_intrin import get_intrin
-
-    ob = _attr(func, "ob", 16)
+def _pointwise_start(sch: s_tir.Schedule, func):
+    """What the two 1x1 schedules (spatial-lanes VNNI, AMX) start with: the acc block, the block
+    the tiles are scheduled from, its extents (N, O, OH, OW), the input-channel quads, whether it
+    is worth threads; the weight-sum correction scheduled."""
     acc = sch.get_sblock("acc")
     y = _output_block(sch, func)
     N, O, OH, OW = (_extent(sch, l) for l in sch.get_loops(y))
     CB = _buf_shape(func, "qx")[1]
     par = N * O * OH * OW * CB * 4 >= _PARALLEL_MIN_MACS
     _sched_weight_sum(sch)
+    return acc, y, (N, O, OH, OW), CB, par
+
+
+def _rows_of_16(OH: int, OW: int, positions: int) -> int:
+    """Whole output rows per tile: a multiple of 16 positions, about ``positions``, dividing OH
+    (a plane of ``OH * OW % 16 == 0``)."""
+    import math
+
     R = 16 // math.gcd(OW, 16)
-    rows = R * max(1, 128 // (R * OW))          # about 128 positions per tile
+    rows = R * max(1, positions // (R * OW))
     while OH % rows:
         rows -= R
+    return rows
+
+
+def _sched_conv_spatial(sch: s_tir.Schedule, func, target):
+    """Packed 1x1 conv with the accumulator along the output positions (compute.conv2d_int8
+    `spatial_lanes`): tile = ob channels x R whole output rows (R * OW a multiple of 16); per
+    16 positions, the ob accumulators stay put over the input-channel quads, each quad one
+    64-byte activation load feeding ob VNNI instructions with broadcast weights; the epilogue
+    then writes whole rows."""
+    from .x86_intrin import get_intrin
+
+    ob = _attr(func, "ob", 16)
+    acc, y, (N, O, OH, OW), CB, par = _pointwise_start(sch, func)
+    rows = _rows_of_16(OH, OW, 128)
     yn, yo, yh, yw = sch.get_loops(y)
     yoo, yoi = sch.split(yo, [None, ob])
     yho, yhi = _tile(sch, yh, rows, max(rows, 16))
@@ -402,24 +417,13 @@ def _sched_conv_amx(sch: s_tir.Schedule, func, target):
     the accumulator tiles stay in registers over the whole input-channel reduction) writes the
     tile's accumulators to a small buffer, which the NCHW epilogue then reads row by row,
     vectorized. No sampled choice: tuning measures it once."""
-    import math
-
     from .x86_amx import amx_blocking, get_amx_intrin
 
-    acc = sch.get_sblock("acc")
-    y = _output_block(sch, func)
-    N, O, OH, OW = (_extent(sch, l) for l in sch.get_loops(y))
-    CB = _buf_shape(func, "qx")[1]
-    par = N * O * OH * OW * CB * 4 >= _PARALLEL_MIN_MACS
-    _sched_weight_sum(sch)
+    acc, y, (N, O, OH, OW), CB, par = _pointwise_start(sch, func)
     orow, n_o, kcb = amx_blocking(O, CB)
-    if (OH * OW) % 16:      # whole planes (the intrinsic takes the last positions on narrower tiles)
-        rows = OH
-    else:                   # whole rows, a multiple of 16 positions, about 256
-        R = 16 // math.gcd(OW, 16)
-        rows = R * max(1, 256 // (R * OW))
-        while OH % rows:
-            rows -= R
+    # whole planes when not a multiple of 16 positions (the intrinsic takes the last positions on
+    # narrower tiles), else whole rows of about 256 positions
+    rows = OH if (OH * OW) % 16 else _rows_of_16(OH, OW, 256)
     P = rows * OW
     n_p = 2 if P % 32 == 0 else 1
     yn, yo, yh, yw = sch.get_loops(y)
