@@ -346,6 +346,85 @@ def test_conv_requant_epilogue_writes_the_readers_codes(case):
         np.testing.assert_array_equal(q, run(mq, [y, counts, rank, shift], qshape, qdt), err_msg=f"k={k}")
 
 
+
+def ref_pack4(q, groups, unsigned):
+    """numpy: codes [N, C, H, W] -> the packed reader's uint32 words [N, groups * ceil(Cg/4), H, W]
+    (byte j = channel 4 * cb + j of its group, +128 when signed; channels past Cg repeat the last)."""
+    N, C, H, W = q.shape
+    Cg = C // groups
+    CB = -(-Cg // 4)
+    out = np.zeros((N, groups * CB, H, W), np.uint64)
+    for g in range(groups):
+        for cb in range(CB):
+            for j in range(4):
+                c = g * Cg + min(cb * 4 + j, Cg - 1)
+                out[:, g * CB + cb] |= ((q[:, c].astype(np.int64) + (0 if unsigned else 128)).astype(np.uint64) << (8 * j))
+    return out.astype(np.uint32)
+
+
+# (N, C, H, W, stride, form, depthwise input unsigned?, reader unsigned?, reader groups)
+DW_PACKED_CASES = [(2, 24, 12, 12, 1, "rows", True, True, 1),
+                   (1, 40, 14, 14, 1, "flat", True, False, 1),
+                   (2, 12, 9, 11, 2, "pairs", False, True, 1),
+                   (1, 16, 7, 7, 1, "flat", False, False, 2),
+                   (1, 64, 20, 20, 1, "rows", True, True, 1)]         # threaded
+
+
+@pytest.mark.parametrize("case", DW_PACKED_CASES, ids=[f"dwpack{i}" for i in range(len(DW_PACKED_CASES))])
+def test_depthwise_requant_writes_packed_words(case):
+    """compute.conv2d_int8(requant=dict(pack4=...)) on a depthwise conv (passes.fuse_requant): the
+    epilogue writes the next VNNI conv's packed words directly, every form the llvm target uses
+    (whole rows, the flattened plane, column pairs at stride 2); checked against numpy's conv,
+    epilogue, quantize rule and packing, and against the float kernel followed by the packed
+    quantize kernel, at the ratios' low-channel counts."""
+    N, C, H, W, st, form, in_unsigned, unsigned, rgroups = case
+    rng = np.random.default_rng(C * 100 + H)
+    L, li, n_groups = 3, 2, 4
+    s_q = float(rng.uniform(0.02, 0.08))
+    Hp, Wp = H + 2, W + 2
+    OH, OW = (Hp - 3) // st + 1, (Wp - 3) // st + 1
+    qdt_in = "uint8" if in_unsigned else "int8"
+    x = rng.integers(0 if in_unsigned else -127, 256 if in_unsigned else 128, size=(N, C, Hp, Wp)).astype(qdt_in)
+    w = rng.integers(-127, 128, size=(C, 1, 3, 3)).astype(np.int8)
+    scale = rng.uniform(2e-3, 2e-2, size=C).astype(np.float32)
+    bias = rng.normal(size=C).astype(np.float32)
+    rank = make_rank(rng, C, n_groups)
+    shift = rng.integers(0, 5, size=C).astype(np.int32)
+    act = (0.0, 6.0) if unsigned else (-4.0, None)
+    geo = dict(unsigned=in_unsigned, act=act, pair_cols=form == "pairs", flat_plane=form == "flat")
+    fy = fc.conv2d_int8((N, C, Hp, Wp), (C, 1, 3, 3), st, 1, C, **geo)
+    rq = dict(scale=s_q, unsigned=unsigned, pad=0, layer_index=li, num_layers=L, pack4=(rgroups, C // rgroups))
+    fr = fc.conv2d_int8((N, C, Hp, Wp), (C, 1, 3, 3), st, 1, C, **geo, requant=rq)
+    assert bool(fr.attrs.get("flexiq.pair_cols", False)) == (form == "pairs")
+    assert bool(fr.attrs.get("flexiq.flat_plane", False)) == (form == "flat")
+    tvm.ir.assert_structural_equal(fc.rebuild_kernel(fr), fr)      # the variant reads back whole
+    fq_ = fc.quantize_act((N, C, OH, OW), 1, 0, s_q, unsigned, li, L, pack4=(rgroups, C // rgroups))
+    my, mr, mq = build(fy, "y"), build(fr, "r"), build(fq_, "qa")
+    if form == "pairs":
+        xe = np.zeros((N, C, Hp, Wp + Wp % 2), qdt_in)
+        xe[..., :Wp] = x
+        xk = xe.view(np.uint16)
+    elif form == "flat":
+        xk = np.concatenate([x, np.zeros((N, C, 1, Wp), qdt_in)], axis=2).reshape(N, C, -1)
+    else:
+        xk = x
+    wl = blocked(w, 1, "OIHWo")
+    acc = ref_conv_acc(x, w, (st, st), (1, 1), C)
+    y_ref = acc.astype(np.float32) * scale[None, :, None, None] + bias[None, :, None, None]
+    y_ref = np.clip(y_ref, np.float32(act[0]), None if act[1] is None else np.float32(act[1]))
+    y = run(my, [xk, wl, scale, bias], (N, C, OH, OW), "float32")
+    np.testing.assert_array_equal(y, y_ref)
+    wshape = (N, rgroups * -(-(C // rgroups) // 4), OH, OW)
+    for k in k_values(rng, n_groups):
+        counts = rng.integers(0, n_groups + 1, size=L).astype(np.int32)
+        counts[li] = k
+        words_ref = ref_pack4(ref_quantize_act(y_ref, s_q, unsigned, rank, shift, k, 1), rgroups, unsigned)
+        words = run(mr, [xk, wl, scale, bias, counts, rank, shift], wshape, "uint32")
+        np.testing.assert_array_equal(words, words_ref, err_msg=f"packed requant k={k}")
+        np.testing.assert_array_equal(words, run(mq, [y, counts, rank, shift], wshape, "uint32"), err_msg=f"k={k}")
+    with pytest.raises(ValueError, match="whole channel quads"):    # a partial quad stays unfused
+        fc.conv2d_int8((N, C, Hp, Wp), (C, 1, 3, 3), st, 1, C, **geo, requant=dict(rq, pack4=(C // 2, 2)))
+
 # The float epilogue y = f32(acc) * scale + bias must be BIT-EXACT vs numpy (two roundings):
 # compute.py wraps the product in llvm.arithmetic.fence, so LLVM cannot contract it to an FMA.
 def _check_epilogue(y, y_ref, acc, scale, bias):

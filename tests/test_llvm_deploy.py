@@ -112,6 +112,43 @@ def test_deploy_build_bit_exact_with_plain_build(mobile):
         np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
 
 
+
+def test_depthwise_convs_write_packed_words_when_their_maps_are_large(mobile, monkeypatch):
+    """passes.fuse_requant: a depthwise conv whose float map would leave the cache (at least
+    PACKED_MIN_MAP_BYTES) writes the next 1x1 conv's packed words itself. Under the threshold (this
+    model's maps at batch 2) it does not; with the threshold at 0 both depthwise convs (column pairs
+    and the flattened plane) do, no quantize kernel is left before either projection, and the build
+    stays bit-exact with the plain one at every ratio and random counts."""
+    from flexiq_tvm.passes import fuse_requant
+
+    model, plan = mobile
+
+    def packed(batch):
+        mod = get_target("llvm").prepare(flexiq_rewrite(model.mod, model.layers, plan, batch))
+        kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)
+                   and f.attrs is not None and KERNEL_ATTR in f.attrs]
+        return [f for f in kernels if "flexiq.requant_pack" in f.attrs], kernels
+
+    assert packed(2)[0] == []
+    monkeypatch.setattr(fuse_requant, "PACKED_MIN_MAP_BYTES", 0)
+    fused, kernels = packed(2)
+    assert sorted(int(f.attrs["flexiq.groups"]) for f in fused) == [48, 72]
+    assert {bool(f.attrs.get("flexiq.pair_cols", False)) for f in fused} == {True, False}
+    assert all([int(v) for v in f.attrs["flexiq.requant_pack"]] == [1, int(f.attrs["flexiq.groups"])] for f in fused)
+    readers = [int(f.attrs["flexiq.layer_index"]) for f in kernels
+               if str(f.attrs[KERNEL_ATTR]) == "quantize_act" and str(f.attrs["flexiq.layout"]) == "NCHW4c"]
+    assert 3 not in readers and 6 not in readers, readers       # the two projections' inputs
+    plain = fq.compile(model, plan, batch_size=2, hoist_weights=False, fuse_activations=False,
+                       kernel_variants=False, inline_layers=False)
+    deploy = fq.compile(model, plan, batch_size=2)
+    x = np.random.default_rng(9).standard_normal((4, 3, 32, 32)).astype(np.float32) * 2
+    for r in (0.0, 0.25, 0.5, 0.75, 1.0):
+        plain.set_ratio(r), deploy.set_ratio(r)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
+    for counts in counts_grid(plan, seed=4):
+        plain.set_counts(counts), deploy.set_counts(counts)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+
 def test_stride2_depthwise_over_an_odd_padded_width(tmp_path):
     """A 29x29 input: the stride-2 depthwise conv's padded input is 17 columns wide, so its
     quantize kernel writes one more zero column to make whole uint16 words; the deployment build

@@ -235,6 +235,50 @@ def _finish(func, kind: str, **attrs):
     return func
 
 
+def _pack4_words(qval, code, shape, groups: int, Cg: int, pad, unsigned: bool, is_low):
+    """The ``quantize_act(pack4=(groups, Cg))`` output stage, shared with a requantizing conv
+    epilogue (``conv2d_int8(requant=dict(pack4=...))``): uint32 ``[N, groups * ceil(Cg/4), Hp,
+    Wp]`` whose byte ``j`` is the code of channel ``4 * cb + j`` of its group (+128 when signed).
+    ``qval(n, c, h, w)`` is the lowered code, ``code`` the INT8 one, ``is_low(c)`` whether
+    channel ``c`` is lowered at the current ratio."""
+    CB = (Cg + 3) // 4
+    pt, pl, pb, pr = _norm_pad(pad)
+    N, _, H, W = (int(v) for v in shape)
+
+    def byte(v, j):
+        v = v.astype("int32") if unsigned else v.astype("int32") + _i32(128)
+        return tvm.tirx.shift_left(v.astype("uint32"), tvm.tirx.const(8 * j, "uint32"))
+
+    # bytes of channels past Cg meet zero weights (the weight layout pads with 0), so any
+    # value does: they repeat the group's last channel, and the border fill is one constant
+    def packed(n, b, h, w):
+        chans = [(b // CB) * Cg + (tvm.tirx.min((b % CB) * 4 + j, _i32(Cg - 1)) if Cg % 4 else (b % CB) * 4 + j)
+                 for j in range(4)]
+
+        def word(lowering):
+            out = tvm.tirx.const(0, "uint32")
+            for j, c in enumerate(chans):
+                out = out | byte(qval(n, c, h, w) if lowering else code(n, c, h, w), j)
+            return out
+
+        # one test per word row: a row of four INT8 channels (every row at ratio 0) skips the
+        # lowering's arithmetic and selects
+        any_low = is_low(chans[0])
+        for c in chans[1:]:
+            any_low = tvm.tirx.Or(any_low, is_low(c))
+        return tvm.tirx.if_then_else(any_low, word(True), word(False))
+
+    fill = tvm.tirx.const(0 if unsigned else 0x80808080, "uint32")
+    oshape = (N, groups * CB, H + pt + pb, W + pl + pr)
+    if pt or pl or pb or pr:
+        def fcomp(n, b, h, w):
+            inside = tvm.tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+            return tvm.tirx.if_then_else(inside, packed(n, b, h - pt, w - pl), fill)
+    else:
+        fcomp = packed
+    return te.compute(oshape, fcomp, name="q")
+
+
 # --------------------------------------------------------------------------- quantize_act
 def quantize_act(
     shape: Sequence[int],
@@ -367,43 +411,8 @@ def quantize_act(
             raise ValueError("pack4 needs a static NCHW quantize")
         groups, Cg = (int(v) for v in pack4)
         assert Cg * groups == C, (pack4, C)
-        CB = (Cg + 3) // 4
-        pt, pl, pb, pr = _norm_pad(pad)
-        N, _, H, W = shape
-
-        def byte(v, j):
-            v = v.astype("int32") if unsigned else v.astype("int32") + _i32(128)
-            return tvm.tirx.shift_left(v.astype("uint32"), tvm.tirx.const(8 * j, "uint32"))
-
-        # bytes of channels past Cg meet zero weights (the weight layout pads with 0), so any
-        # value does: they repeat the group's last channel, and the border fill is one constant
-        def packed(n, b, h, w):
-            chans = [(b // CB) * Cg + (tvm.tirx.min((b % CB) * 4 + j, _i32(Cg - 1)) if Cg % 4 else (b % CB) * 4 + j)
-                     for j in range(4)]
-
-            def word(lowering):
-                out = tvm.tirx.const(0, "uint32")
-                for j, c in enumerate(chans):
-                    out = out | byte(qval(n, c, h, w) if lowering else code(n, c, h, w).astype(odt), j)
-                return out
-
-            # one test per word row: a row of four INT8 channels (every row at ratio 0) skips the
-            # lowering's arithmetic and selects
-            any_low = rank[chans[0]] < counts[li]
-            for c in chans[1:]:
-                any_low = tvm.tirx.Or(any_low, rank[c] < counts[li])
-            return tvm.tirx.if_then_else(any_low, word(True), word(False))
-
-        fill = tvm.tirx.const(0 if unsigned else 0x80808080, "uint32")
-
-        oshape = (N, groups * CB, H + pt + pb, W + pl + pr)
-        if pt or pl or pb or pr:
-            def fcomp(n, b, h, w):
-                inside = tvm.tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
-                return tvm.tirx.if_then_else(inside, packed(n, b, h - pt, w - pl), fill)
-        else:
-            fcomp = packed
-        q = te.compute(oshape, fcomp, name="q")
+        q = _pack4_words(qval, lambda *idx: code(*idx).astype(odt), shape, groups, Cg, pad, unsigned,
+                         lambda c: rank[c] < counts[li])
         func = te.create_prim_func([x, counts, rank, shift, q])
         return _finish(func, "quantize_act", layout="NCHW4c", layer_index=li, unsigned=bool(unsigned),
                        dynamic=False, pack_groups=groups, pack_cg=Cg)
@@ -644,7 +653,10 @@ def conv2d_int8(
     (same float32 operations, the same lowering of the run-time low channels), padded by ``pad``
     with zeros. Params ``(qx, w_l, scale, bias, counts, rank, shift, q)``; ``counts``, ``rank`` and
     ``shift`` are the reader's, ``q`` is uint8 or int8 ``[N, O, OH + pt + pb, OW + pl + pr]``.
-    The float map is never written.
+    The float map is never written. With ``pack4=(groups, Cg)`` in the dict (the reader is a VNNI
+    conv: ``quantize_act(pack4=...)``), ``q`` is that kernel's uint32 words instead, four channels'
+    codes per word; the llvm target uses it for depthwise convs (``"OIHWo"``, ``ob == 1``), whose
+    float map at batch 32 otherwise crosses DRAM twice (written, then read by the quantize kernel).
 
     ``amx=True`` (``spatial_lanes`` with ``ob == 1``; the llvm target's form of those convs on CPUs
     with Intel AMX): the same computation, which the schedule runs on AMX tile instructions
@@ -847,6 +859,27 @@ def _requant_output(y, requant: dict):
     rank = te.placeholder((O,), "int32", name="rank")
     shift = te.placeholder((O,), "int32", name="shift")
 
+    attrs = dict(requant_scale=rq_scale, requant_unsigned=rq_unsigned, requant_pad=[pt, pl, pb, pr],
+                 requant_layer_index=li, requant_num_layers=L)
+    if requant.get("pack4") is not None:
+        # a packed reader (a VNNI conv's input, four channels per word): the quantize kernel's own
+        # expressions (`quantize_act(pack4=...)`), on the float epilogue instead of a float map
+        groups, Cg = (int(v) for v in requant["pack4"])
+        if groups * Cg != O or Cg % 4:
+            raise ValueError(f"requant pack4={tuple(requant['pack4'])} must split the conv's {O} channels into "
+                             "groups of whole channel quads")
+
+        def int8_code(n, o, h, w):
+            return _act_code(y[n, o, h, w], rq_scale, rq_unsigned)
+
+        def lowered(n, o, h, w):
+            q = int8_code(n, o, h, w)
+            return tvm.tirx.Select(rank[o] < counts[li], _lower_expr(q, shift[o], lo4, hi4), q).astype(odt)
+
+        q = _pack4_words(lowered, lambda *i: int8_code(*i).astype(odt), (N, O, OH, OW), groups, Cg,
+                         (pt, pl, pb, pr), rq_unsigned, lambda c: rank[c] < counts[li])
+        return q, [counts, rank, shift], dict(attrs, requant_pack=[groups, Cg])
+
     def code(n, o, h, w):
         return _act_code_or_lowered(y[n, o, h, w], rq_scale, rq_unsigned, rank[o] < counts[li], shift[o],
                                     lo4, hi4).astype(odt)
@@ -859,8 +892,6 @@ def _requant_output(y, requant: dict):
         q = te.compute((N, O, OH + pt + pb, OW + pl + pr), padded, name="q")
     else:
         q = te.compute((N, O, OH, OW), code, name="q")
-    attrs = dict(requant_scale=rq_scale, requant_unsigned=rq_unsigned, requant_pad=[pt, pl, pb, pr],
-                 requant_layer_index=li, requant_num_layers=L)
     return q, [counts, rank, shift], attrs
 
 
@@ -965,6 +996,8 @@ def rebuild_kernel(func: tvm.tirx.PrimFunc, **overrides) -> tvm.tirx.PrimFunc:
                                    pad=[int(v) for v in a["flexiq.requant_pad"]],
                                    layer_index=int(a["flexiq.requant_layer_index"]),
                                    num_layers=int(a["flexiq.requant_num_layers"]))
+            if "flexiq.requant_pack" in a:
+                args["requant"]["pack4"] = [int(v) for v in a["flexiq.requant_pack"]]
         args.update(overrides)
         new = conv2d_int8(xs, w_shape, **args)
     elif kind == "dense_int8":

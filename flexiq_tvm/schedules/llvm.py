@@ -439,7 +439,49 @@ def _sched_conv_amx(sch: s_tir.Schedule, func, target):
     sch.tensorize(top, get_amx_intrin(orow * n_o, P, CB, orow, kcb, n_p))
 
 
+def _sched_conv_packed_requant(sch: s_tir.Schedule, func):
+    """A depthwise (``"OIHWo"``, ``ob == 1``) conv whose epilogue writes its reader's packed
+    words (``compute.conv2d_int8(requant=dict(pack4=...))``): a word holds four channels, so the
+    tile is a channel quad: per (n, quad[, output row]) [parallel], the four channels'
+    accumulators (one output row, or the flattened plane with ``flat_plane``) vectorized along
+    the positions with the taps unrolled, then the words of that row / plane, vectorized."""
+    acc = sch.get_sblock("acc")
+    q = _output_block(sch, func)
+    n, b, h, w = sch.get_loops(q)
+    flat = bool(_attr(func, "flat_plane", 0))
+    outer = sch.fuse(n, b) if flat else sch.fuse(n, b, h)
+    an, aoo, ap, *rest = sch.get_loops(acc)
+    KH, KW = (_extent(sch, l) for l in rest[-2:])
+    work = 1
+    for l in (an, aoo, ap, *rest):
+        work *= _extent(sch, l)
+    if work >= _PARALLEL_MIN_MACS:
+        sch.parallel(outer)
+    _vec_inner(sch, w, 16)     # (at 56 lanes LLVM moved the words' bytes lane by lane)
+    sch.compute_at(acc, outer, preserve_unit_loops=True)
+    loops = sch.get_loops(acc)
+    if flat:                               # (oo, p, oi, rc, rh, rw)
+        oo, p, oi, rc, rh, rw = loops[-6:]
+        # the plane's span as one vector loop, as the float kernel's schedule ends with (LLVM
+        # splits it into registers); a divisor split (6 x 37 lanes at 14x14) spilled every lane
+        po, pv = _tile(sch, p, _extent(sch, p), _extent(sch, p))
+        sch.reorder(oo, po, oi, rc, rh, rw, pv)
+    else:                                  # (oo, oh, ow, oi, rc, rh, rw)
+        oo, oh, ow, oi, rc, rh, rw = loops[-7:]
+        OW = _extent(sch, ow)
+        po, pv = _tile(sch, ow, OW if OW <= 64 else _largest_divisor(OW, 64), 64)
+        sch.reorder(oo, oh, po, oi, rc, rh, rw, pv)
+    sch.vectorize(pv)       # (before decompose_reduction: needs the complete block)
+    init = sch.decompose_reduction(acc, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if KH * KW <= 16:
+        sch.unroll(rh)
+        sch.unroll(rw)
+
+
 def _sched_conv(sch: s_tir.Schedule, func, target=None):
+    if _attr(func, "requant_pack") is not None:
+        return _sched_conv_packed_requant(sch, func)
     if _attr(func, "amx", 0):
         return _sched_conv_amx(sch, func, target)
     if _attr(func, "spatial_lanes", 0):
