@@ -294,7 +294,9 @@ REQUANT_CASES = [(2, 16, 8, 8, 32, True, True, (1, 1, 1, 1), True), (1, 12, 4, 1
                  (1, 24, 16, 16, 48, True, True, (1, 1, 1, 2), True),
                  (2, 64, 32, 32, 32, True, True, (1, 1, 1, 1), True),   # >= 2M MACs: threaded
                  (2, 16, 7, 7, 32, True, True, (1, 1, 1, 1), False),    # channel lanes (49 positions)
-                 (1, 20, 5, 6, 16, False, False, (0, 1, 0, 1), False)]
+                 (1, 20, 5, 6, 16, False, False, (0, 1, 0, 1), False),
+                 (1, 24, 4, 52, 32, False, True, (1, 1, 1, 1), True),    # rows of 52 (13-lane epilogue vectors)
+                 (2, 64, 16, 56, 32, True, False, (0, 0, 0, 0), True)]   # rows of 56 (14 lanes), threaded
 
 
 @pytest.mark.parametrize("case", REQUANT_CASES, ids=[f"rq{i}" for i in range(len(REQUANT_CASES))])
