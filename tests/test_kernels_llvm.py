@@ -364,12 +364,12 @@ def ref_pack4(q, groups, unsigned):
     return out.astype(np.uint32)
 
 
-# (N, C, H, W, stride, form, depthwise input unsigned?, reader unsigned?, reader groups)
-DW_PACKED_CASES = [(2, 24, 12, 12, 1, "rows", True, True, 1),
-                   (1, 40, 14, 14, 1, "flat", True, False, 1),
-                   (2, 12, 9, 11, 2, "pairs", False, True, 1),
-                   (1, 16, 7, 7, 1, "flat", False, False, 2),
-                   (1, 64, 20, 20, 1, "rows", True, True, 1)]         # threaded
+# (N, C, H, W, stride, form, depthwise input unsigned?, reader unsigned?, reader groups, reader pad)
+DW_PACKED_CASES = [(2, 24, 12, 12, 1, "rows", True, True, 1, 0),
+                   (1, 40, 14, 14, 1, "flat", True, False, 1, 0),
+                   (2, 12, 9, 11, 2, "pairs", False, True, 1, 1),     # a padded reader (a 3x3 VNNI conv)
+                   (1, 16, 7, 7, 1, "flat", False, False, 2, (1, 0, 1, 2)),
+                   (1, 64, 20, 20, 1, "rows", True, True, 1, 0)]      # threaded
 
 
 @pytest.mark.parametrize("case", DW_PACKED_CASES, ids=[f"dwpack{i}" for i in range(len(DW_PACKED_CASES))])
@@ -379,7 +379,7 @@ def test_depthwise_requant_writes_packed_words(case):
     (whole rows, the flattened plane, column pairs at stride 2); checked against numpy's conv,
     epilogue, quantize rule and packing, and against the float kernel followed by the packed
     quantize kernel, at the ratios' low-channel counts."""
-    N, C, H, W, st, form, in_unsigned, unsigned, rgroups = case
+    N, C, H, W, st, form, in_unsigned, unsigned, rgroups, rpad = case
     rng = np.random.default_rng(C * 100 + H)
     L, li, n_groups = 3, 2, 4
     s_q = float(rng.uniform(0.02, 0.08))
@@ -395,12 +395,12 @@ def test_depthwise_requant_writes_packed_words(case):
     act = (0.0, 6.0) if unsigned else (-4.0, None)
     geo = dict(unsigned=in_unsigned, act=act, pair_cols=form == "pairs", flat_plane=form == "flat")
     fy = fc.conv2d_int8((N, C, Hp, Wp), (C, 1, 3, 3), st, 1, C, **geo)
-    rq = dict(scale=s_q, unsigned=unsigned, pad=0, layer_index=li, num_layers=L, pack4=(rgroups, C // rgroups))
+    rq = dict(scale=s_q, unsigned=unsigned, pad=rpad, layer_index=li, num_layers=L, pack4=(rgroups, C // rgroups))
     fr = fc.conv2d_int8((N, C, Hp, Wp), (C, 1, 3, 3), st, 1, C, **geo, requant=rq)
     assert bool(fr.attrs.get("flexiq.pair_cols", False)) == (form == "pairs")
     assert bool(fr.attrs.get("flexiq.flat_plane", False)) == (form == "flat")
     tvm.ir.assert_structural_equal(fc.rebuild_kernel(fr), fr)      # the variant reads back whole
-    fq_ = fc.quantize_act((N, C, OH, OW), 1, 0, s_q, unsigned, li, L, pack4=(rgroups, C // rgroups))
+    fq_ = fc.quantize_act((N, C, OH, OW), 1, rpad, s_q, unsigned, li, L, pack4=(rgroups, C // rgroups))
     my, mr, mq = build(fy, "y"), build(fr, "r"), build(fq_, "qa")
     if form == "pairs":
         xe = np.zeros((N, C, Hp, Wp + Wp % 2), qdt_in)
@@ -416,11 +416,13 @@ def test_depthwise_requant_writes_packed_words(case):
     y_ref = np.clip(y_ref, np.float32(act[0]), None if act[1] is None else np.float32(act[1]))
     y = run(my, [xk, wl, scale, bias], (N, C, OH, OW), "float32")
     np.testing.assert_array_equal(y, y_ref)
-    wshape = (N, rgroups * -(-(C // rgroups) // 4), OH, OW)
+    t, l, b, r = fc._norm_pad(rpad)
+    wshape = (N, rgroups * -(-(C // rgroups) // 4), OH + t + b, OW + l + r)
     for k in k_values(rng, n_groups):
         counts = rng.integers(0, n_groups + 1, size=L).astype(np.int32)
         counts[li] = k
         words_ref = ref_pack4(ref_quantize_act(y_ref, s_q, unsigned, rank, shift, k, 1), rgroups, unsigned)
+        words_ref = np.pad(words_ref, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=0 if unsigned else 0x80808080)
         words = run(mr, [xk, wl, scale, bias, counts, rank, shift], wshape, "uint32")
         np.testing.assert_array_equal(words, words_ref, err_msg=f"packed requant k={k}")
         np.testing.assert_array_equal(words, run(mq, [y, counts, rank, shift], wshape, "uint32"), err_msg=f"k={k}")

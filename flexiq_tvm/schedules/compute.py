@@ -655,8 +655,8 @@ def conv2d_int8(
     ``shift`` are the reader's, ``q`` is uint8 or int8 ``[N, O, OH + pt + pb, OW + pl + pr]``.
     The float map is never written. With ``pack4=(groups, Cg)`` in the dict (the reader is a VNNI
     conv: ``quantize_act(pack4=...)``), ``q`` is that kernel's uint32 words instead, four channels'
-    codes per word; the llvm target uses it for depthwise convs (``"OIHWo"``, ``ob == 1``), whose
-    float map at batch 32 otherwise crosses DRAM twice (written, then read by the quantize kernel).
+    codes per word; the llvm target uses it for depthwise convs (``"OIHWo"``, ``ob == 1``) with
+    large float maps, which the quantize kernel would otherwise read back.
 
     ``amx=True`` (``spatial_lanes`` with ``ob == 1``; the llvm target's form of those convs on CPUs
     with Intel AMX): the same computation, which the schedule runs on AMX tile instructions
