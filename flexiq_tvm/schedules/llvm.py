@@ -439,6 +439,18 @@ def _sched_conv_amx(sch: s_tir.Schedule, func, target):
     sch.tensorize(top, get_amx_intrin(orow * n_o, P, CB, orow, kcb, n_p))
 
 
+def _vector_taps(sch: s_tir.Schedule, acc, pv, rc, rh, rw):
+    """The end both depthwise accumulator schedules over a vector of positions share (the flat
+    plane, the packed-word epilogue): positions vectorized, the reduction's init split off and
+    vectorized, the taps unrolled when there are at most 16 of them."""
+    sch.vectorize(pv)       # (before decompose_reduction: needs the complete block)
+    init = sch.decompose_reduction(acc, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if _extent(sch, rh) * _extent(sch, rw) <= 16:
+        sch.unroll(rh)
+        sch.unroll(rw)
+
+
 def _sched_conv_packed_requant(sch: s_tir.Schedule, func):
     """A depthwise (``"OIHWo"``, ``ob == 1``) conv whose epilogue writes its reader's packed
     words (``compute.conv2d_int8(requant=dict(pack4=...))``): a word holds four channels, so the
@@ -450,10 +462,8 @@ def _sched_conv_packed_requant(sch: s_tir.Schedule, func):
     n, b, h, w = sch.get_loops(q)
     flat = bool(_attr(func, "flat_plane", 0))
     outer = sch.fuse(n, b) if flat else sch.fuse(n, b, h)
-    an, aoo, ap, *rest = sch.get_loops(acc)
-    KH, KW = (_extent(sch, l) for l in rest[-2:])
     work = 1
-    for l in (an, aoo, ap, *rest):
+    for l in sch.get_loops(acc):
         work *= _extent(sch, l)
     if work >= _PARALLEL_MIN_MACS:
         sch.parallel(outer)
@@ -471,12 +481,7 @@ def _sched_conv_packed_requant(sch: s_tir.Schedule, func):
         OW = _extent(sch, ow)
         po, pv = _tile(sch, ow, OW if OW <= 64 else _largest_divisor(OW, 64), 64)
         sch.reorder(oo, oh, po, oi, rc, rh, rw, pv)
-    sch.vectorize(pv)       # (before decompose_reduction: needs the complete block)
-    init = sch.decompose_reduction(acc, rc)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if KH * KW <= 16:
-        sch.unroll(rh)
-        sch.unroll(rw)
+    _vector_taps(sch, acc, pv, rc, rh, rw)
 
 
 def _sched_conv(sch: s_tir.Schedule, func, target=None):
@@ -569,12 +574,7 @@ def _sched_conv_flat(sch: s_tir.Schedule, func):
     p, oi, rc, rh, rw = sch.get_loops(acc)[-5:]
     po, pv = _tile(sch, p, _largest_divisor(P, 64), 64)
     sch.reorder(po, oi, rc, rh, rw, pv)
-    sch.vectorize(pv)       # (before decompose_reduction: needs the complete block)
-    init = sch.decompose_reduction(acc, rc)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if KH * KW <= 16:
-        sch.unroll(rh)
-        sch.unroll(rw)
+    _vector_taps(sch, acc, pv, rc, rh, rw)
 
 
 def _sched_dense(sch: s_tir.Schedule, func):
