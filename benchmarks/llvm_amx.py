@@ -35,6 +35,20 @@ def _amx_every_plane(kf):
     return pci._pointwise(kf) and ys[2] * ys[3] >= 16 and C >= 24 and amx_blocking(ys[1], (C + 3) // 4) is not None
 
 
+def model_and_cached_plan(name: str, work_dir: str):
+    """The benchmark model (gpu_check.py's builder) and the plan `benchmarks/llvm_deploy.py` makes
+    and caches for it; the A/B scripts of the llvm rewrites compare builds of that one plan."""
+    import gpu_check as g
+    from flexiq_tvm.quant.plan import Plan
+
+    os.makedirs(work_dir, exist_ok=True)
+    _, model, _, _ = g.BUILDERS[name](work_dir)
+    plan_path = os.path.join(HERE, "gpu_results", "plans", f"{name}.plan.json")
+    if not os.path.exists(plan_path):
+        sys.exit(f"{plan_path} missing: run benchmarks/llvm_deploy.py --model {name} once (it makes it)")
+    return model, Plan.load(plan_path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["mobilenetv2", "vit"], default="mobilenetv2")
@@ -48,19 +62,12 @@ def main(argv=None):
     from tvm.runtime.vm import VMInstrumentReturnKind
 
     import flexiq_tvm as fq
-    import gpu_check as g
     from flexiq_tvm.passes import pack_conv_input as pci
-    from flexiq_tvm.quant.plan import Plan
     from flexiq_tvm.schedules.x86_amx import amx_usable, with_amx
 
     if not amx_usable():
         sys.exit("this CPU (or this process) cannot use AMX")
-    os.makedirs(args.work_dir, exist_ok=True)
-    _, model, _, _ = g.BUILDERS[args.model](args.work_dir)
-    plan_path = os.path.join(HERE, "gpu_results", "plans", f"{args.model}.plan.json")
-    if not os.path.exists(plan_path):
-        sys.exit(f"{plan_path} missing: run benchmarks/llvm_deploy.py --model {args.model} once (it makes it)")
-    plan = Plan.load(plan_path)
+    model, plan = model_and_cached_plan(args.model, args.work_dir)
     B = args.batch_size
     base = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
     default_rule = pci._amx_ok

@@ -32,16 +32,10 @@ def main(argv=None):
     os.environ.setdefault("TVM_NUM_THREADS", "1")
 
     import flexiq_tvm as fq
-    import gpu_check as g
     from flexiq_tvm.passes import fuse_requant
-    from flexiq_tvm.quant.plan import Plan
+    from llvm_amx import model_and_cached_plan
 
-    os.makedirs(args.work_dir, exist_ok=True)
-    _, model, _, _ = g.BUILDERS[args.model](args.work_dir)
-    plan_path = os.path.join(HERE, "gpu_results", "plans", f"{args.model}.plan.json")
-    if not os.path.exists(plan_path):
-        sys.exit(f"{plan_path} missing: run benchmarks/llvm_deploy.py --model {args.model} once (it makes it)")
-    plan = Plan.load(plan_path)
+    model, plan = model_and_cached_plan(args.model, args.work_dir)
     default = fuse_requant.PACKED_MIN_MAP_BYTES
     rules = {"never": float("inf"), "default": default, "always": 0}
     for B in args.batch_sizes:
