@@ -123,6 +123,19 @@ def counts_grid(plan, seed=0, n_random=2):
     return grid
 
 
+
+def assert_builds_agree(deploy, plain, x, plan, ratios, seed):
+    """Two artifacts of one plan (a target's deployment build and the plain one) give identical
+    outputs, bit for bit, at each ratio and at each per-layer counts vector of
+    ``counts_grid(plan, seed)``."""
+    for r in ratios:
+        plain.set_ratio(r), deploy.set_ratio(r)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
+    for counts in counts_grid(plan, seed=seed):
+        plain.set_counts(counts), deploy.set_counts(counts)
+        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+
+
 def assert_taps_bit_exact(vm, refs, x, counts_list, extra_args=()):
     """Runs a tap build (main returns (out, x_0, y_0, ...)) at each counts vector and checks every
     layer's output bit for bit against its reference on the tapped input."""

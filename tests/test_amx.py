@@ -20,7 +20,7 @@ from flexiq_tvm.schedules import llvm as fl
 from flexiq_tvm.schedules.compute import KERNEL_ATTR
 from flexiq_tvm.schedules.x86_amx import amx_blocking, amx_usable, target_has_amx, with_amx
 from flexiq_tvm.targets import get_target
-from conftest import counts_grid
+from conftest import assert_builds_agree
 
 BASE = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(), "num-cores": 2})
 AMX = with_amx(BASE)
@@ -165,12 +165,7 @@ def test_amx_build_bit_exact_with_plain_build(pointwise):
                        kernel_variants=False, inline_layers=False)
     deploy = fq.compile(model, plan, batch_size=2, tvm_target=AMX)
     x = np.random.default_rng(5).standard_normal((3, 3, 14, 14)).astype(np.float32) * 2
-    for r in (0.0, 0.25, 0.5, 1.0):
-        plain.set_ratio(r), deploy.set_ratio(r)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
-    for counts in counts_grid(plan, seed=5):
-        plain.set_counts(counts), deploy.set_counts(counts)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+    assert_builds_agree(deploy, plain, x, plan, (0.0, 0.25, 0.5, 1.0), seed=5)
 
 
 @needs_amx

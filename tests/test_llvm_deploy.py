@@ -14,7 +14,7 @@ from flexiq_tvm.passes.hoist_weights import LOWER_WEIGHTS_FUNC
 from flexiq_tvm.runtime import compiled
 from flexiq_tvm.schedules.compute import KERNEL_ATTR
 from flexiq_tvm.targets import get_target
-from conftest import counts_grid
+from conftest import assert_builds_agree
 
 
 def _mobile_block(g):
@@ -104,12 +104,7 @@ def test_deploy_build_bit_exact_with_plain_build(mobile):
                        kernel_variants=False, inline_layers=False)
     deploy = fq.compile(model, plan, batch_size=2)
     x = np.random.default_rng(5).standard_normal((5, 3, 32, 32)).astype(np.float32) * 2
-    for r in (0.0, 0.25, 0.5, 1.0):
-        plain.set_ratio(r), deploy.set_ratio(r)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
-    for counts in counts_grid(plan, seed=3):
-        plain.set_counts(counts), deploy.set_counts(counts)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+    assert_builds_agree(deploy, plain, x, plan, (0.0, 0.25, 0.5, 1.0), seed=3)
 
 
 
@@ -145,12 +140,7 @@ def test_depthwise_convs_write_packed_words_when_their_maps_are_large(mobile, mo
                        kernel_variants=False, inline_layers=False)
     deploy = fq.compile(model, plan, batch_size=2)
     x = np.random.default_rng(9).standard_normal((4, 3, 32, 32)).astype(np.float32) * 2
-    for r in (0.0, 0.25, 0.5, 0.75, 1.0):
-        plain.set_ratio(r), deploy.set_ratio(r)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
-    for counts in counts_grid(plan, seed=4):
-        plain.set_counts(counts), deploy.set_counts(counts)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+    assert_builds_agree(deploy, plain, x, plan, (0.0, 0.25, 0.5, 0.75, 1.0), seed=4)
 
 
 def test_stride2_depthwise_over_an_odd_padded_width(tmp_path):
@@ -235,9 +225,4 @@ def test_dense_layers_run_as_vnni_convs(tmp_path, batch):
                        kernel_variants=False, inline_layers=False)
     deploy = fq.compile(model, plan, batch_size=batch)
     x = np.random.default_rng(8).standard_normal((batch + 1, 3, 4, 4)).astype(np.float32) * 2
-    for r in (0.0, 0.5, 1.0):
-        plain.set_ratio(r), deploy.set_ratio(r)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"ratio {r}")
-    for counts in counts_grid(plan, seed=4):
-        plain.set_counts(counts), deploy.set_counts(counts)
-        np.testing.assert_array_equal(deploy(x), plain(x), err_msg=f"counts {counts}")
+    assert_builds_agree(deploy, plain, x, plan, (0.0, 0.5, 1.0), seed=4)
