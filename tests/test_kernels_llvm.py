@@ -296,7 +296,14 @@ REQUANT_CASES = [(2, 16, 8, 8, 32, True, True, (1, 1, 1, 1), True), (1, 12, 4, 1
                  (2, 16, 7, 7, 32, True, True, (1, 1, 1, 1), False),    # channel lanes (49 positions)
                  (1, 20, 5, 6, 16, False, False, (0, 1, 0, 1), False),
                  (1, 24, 4, 52, 32, False, True, (1, 1, 1, 1), True),    # rows of 52 (13-lane epilogue vectors)
-                 (2, 64, 16, 56, 32, True, False, (0, 0, 0, 0), True)]   # rows of 56 (14 lanes), threaded
+                 (2, 64, 16, 56, 32, True, False, (0, 0, 0, 0), True),   # rows of 56 (14 lanes), threaded
+                 # the activation joins the code clamp (compute._merge_act_bounds): a signed reader after
+                 # a ReLU (codes >= 0: the truncating conversion), bounds whose codes are .5 ties, an
+                 # activation range above the code range, and one below zero on a signed reader
+                 (1, 16, 4, 16, 32, False, False, (0, 0, 0, 0), True, {"act": (0.0, None)}),
+                 (1, 16, 4, 16, 32, True, True, (1, 1, 1, 1), True, {"act": (0.125, 0.375), "s_q": 0.25}),
+                 (1, 16, 4, 16, 32, True, True, (0, 0, 0, 0), False, {"act": (20.0, None), "s_q": 0.05}),
+                 (1, 16, 4, 16, 32, True, False, (0, 1, 0, 1), True, {"act": (-100.0, -3.0)})]
 
 
 @pytest.mark.parametrize("case", REQUANT_CASES, ids=[f"rq{i}" for i in range(len(REQUANT_CASES))])
@@ -304,11 +311,13 @@ def test_conv_requant_epilogue_writes_the_readers_codes(case):
     """compute.conv2d_int8(requant=...) (passes.fuse_requant): the VNNI conv's epilogue writes the
     next layer's INT8 codes, run-time low channels lowered, border zero; checked against numpy's
     conv, epilogue and quantize rule, and against the float kernel followed by quantize_act."""
-    N, C, H, W, O, signed_in, unsigned, pad, spatial = case
+    N, C, H, W, O, signed_in, unsigned, pad, spatial, *extra = case
+    opts = extra[0] if extra else {}
     rng = np.random.default_rng(sum(case[:5]))
     L, li = 3, 2
     n_groups = 4
     s_q = float(rng.uniform(0.02, 0.08))
+    s_q = opts.get("s_q", s_q)
     CB = -(-C // 4)
     xb = rng.integers(0, 256, size=(N, CB, H * W, 4)).astype(np.uint8)       # packed input bytes
     xk = xb if spatial else xb.reshape(N, CB, H, W, 4)
@@ -317,7 +326,7 @@ def test_conv_requant_epilogue_writes_the_readers_codes(case):
     bias = rng.normal(size=O).astype(np.float32)
     rank = make_rank(rng, O, n_groups)
     shift = rng.integers(0, 5, size=O).astype(np.int32)
-    act = (0.0, 6.0) if unsigned else (-4.0, None)
+    act = opts.get("act", (0.0, 6.0) if unsigned else (-4.0, None))
     geo = dict(unsigned=not signed_in, layout="OIHWo4i", ob=16, packed_input=True, spatial_lanes=spatial, act=act)
     fy = fc.conv2d_int8((N, C, H, W), (O, C, 1, 1), **geo)
     fr = fc.conv2d_int8((N, C, H, W), (O, C, 1, 1), **geo,
@@ -369,7 +378,8 @@ DW_PACKED_CASES = [(2, 24, 12, 12, 1, "rows", True, True, 1, 0),
                    (1, 40, 14, 14, 1, "flat", True, False, 1, 0),
                    (2, 12, 9, 11, 2, "pairs", False, True, 1, 1),     # a padded reader (a 3x3 VNNI conv)
                    (1, 16, 7, 7, 1, "flat", False, False, 2, (1, 0, 1, 2)),
-                   (1, 64, 20, 20, 1, "rows", True, True, 1, 0)]      # threaded
+                   (1, 64, 20, 20, 1, "rows", True, True, 1, 0),      # threaded
+                   (1, 16, 10, 10, 1, "rows", True, False, 1, 0, (0.0, None))]   # a signed reader after a ReLU
 
 
 @pytest.mark.parametrize("case", DW_PACKED_CASES, ids=[f"dwpack{i}" for i in range(len(DW_PACKED_CASES))])
@@ -379,7 +389,7 @@ def test_depthwise_requant_writes_packed_words(case):
     (whole rows, the flattened plane, column pairs at stride 2); checked against numpy's conv,
     epilogue, quantize rule and packing, and against the float kernel followed by the packed
     quantize kernel, at the ratios' low-channel counts."""
-    N, C, H, W, st, form, in_unsigned, unsigned, rgroups, rpad = case
+    N, C, H, W, st, form, in_unsigned, unsigned, rgroups, rpad, *extra = case
     rng = np.random.default_rng(C * 100 + H)
     L, li, n_groups = 3, 2, 4
     s_q = float(rng.uniform(0.02, 0.08))
@@ -392,7 +402,7 @@ def test_depthwise_requant_writes_packed_words(case):
     bias = rng.normal(size=C).astype(np.float32)
     rank = make_rank(rng, C, n_groups)
     shift = rng.integers(0, 5, size=C).astype(np.int32)
-    act = (0.0, 6.0) if unsigned else (-4.0, None)
+    act = extra[0] if extra else (0.0, 6.0) if unsigned else (-4.0, None)
     geo = dict(unsigned=in_unsigned, act=act, pair_cols=form == "pairs", flat_plane=form == "flat")
     fy = fc.conv2d_int8((N, C, Hp, Wp), (C, 1, 3, 3), st, 1, C, **geo)
     rq = dict(scale=s_q, unsigned=unsigned, pad=rpad, layer_index=li, num_layers=L, pack4=(rgroups, C // rgroups))
@@ -554,7 +564,6 @@ def test_counts_change_without_rebuild():
     mq = build(fc.quantize_act((N, C, H, W), 1, 1, s, True, li, L), "q")
     mw = build(fc.lower_weight((O, C, 3, 3), 1, n_groups, li, L), "wl")
     ma = build(fc.conv2d_int8((N, C, H + 2, W + 2), (O, C, 3, 3), 1, 1, 1, True, "acc"), "ca")
-    ob = fc.choose_ob(O, 1)
     prev = None
     for k in [0, 2, 4, 1, 0, 3]:
         counts = np.zeros(L, np.int32)

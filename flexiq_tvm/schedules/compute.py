@@ -10,7 +10,8 @@ Integer semantics (all on int32, ``>>`` arithmetic):
 
 * ``lower(q, e, lo4, hi4) = clamp((q + ((1 << e) >> 1)) >> e, lo4, hi4) << e``
 * activation quantization: ``q = int32(clamp(floor(f32(x) / f32(s) + 0.5f), lo, hi))``
-  (true division, then add, then floor; lo,hi = -127,127 signed / 0,255 unsigned)
+  (true division, then add, then floor; lo,hi = -127,127 signed / 0,255 unsigned); the kernels
+  may compute the same integers another way (`_clamped_code`, `_merge_act_bounds`)
 * channel ``c`` is low iff ``rank[c] < counts[layer_index]`` (``counts`` is a run-time input)
 * dynamic extraction (``quantize_act(dynamic=True)``, attr ``flexiq.dynamic``): the shift of a
   low channel is ``e[n, rank[c]]`` from the live codes of sample ``n`` (max |q| of the group),
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 from typing import Sequence, Tuple
 
+import numpy as np
 import tvm
 from tvm import te
 
@@ -72,7 +74,52 @@ def _lower_expr(q, e, lo4: int, hi4: int):
     return tvm.tirx.shift_left(v, e)
 
 
-def _act_code_or_lowered(v, scale: float, unsigned: bool, low, e, lo4: int, hi4: int):
+def _act_bounds_as_codes(act, scale: float):
+    """The codes ``floor(f32(b) / f32(s) + 0.5f)`` of an activation's bounds ``act=(lo, hi)``
+    (None: unbounded), in float32 exactly as the kernels compute them.
+
+    Why: the code is a non-decreasing function ``F`` of the float value (each float32 operation
+    rounds monotonically), so ``F(clamp(v, a, b)) = clamp(F(v), F(a), F(b))``: a requantizing
+    epilogue clamps the code to these bounds instead of clamping the float, two vector
+    operations fewer per 16 outputs and the same integers."""
+    if act is None:
+        return None, None
+    s = np.float32(scale)
+
+    def code(b):
+        return None if b is None else float(np.floor(np.float32(b) / s + np.float32(0.5)))
+
+    return code(act[0]), code(act[1])
+
+
+def _clamped_code(v, scale: float, lo, hi, lo_nonneg: bool):
+    """``clamp(floor(v / s + 0.5), lo, hi)`` as int32, for integer-valued float32 bounds.
+
+    With ``lo >= 0`` the floor is left to the conversion: for integer bounds ``clamp(floor(y),
+    lo, hi) = floor(clamp(y, lo, hi))``, and a non-negative value's truncation is its floor, so
+    one vector operation per 16 outputs goes and the integers stay the same."""
+    y = v / tvm.tirx.const(float(scale), "float32") + tvm.tirx.const(0.5, "float32")
+    if not lo_nonneg:
+        y = tvm.tirx.floor(y)
+    return tvm.tirx.max(tvm.tirx.min(y, hi), lo).astype("int32")
+
+
+def _merge_act_bounds(lo, hi, act, scale: float):
+    """Fold the activation ``act = (a, b)`` into the code bounds ``lo``, ``hi`` (float32 exprs):
+    ``max(min(clamp(F(v), F(a), F(b)), hi), lo) = max(min(F(v), hi'), lo')`` with ``hi' =
+    min(F(b), hi)`` and ``lo' = max(min(F(a), hi'), lo)`` (the inner ``min`` keeps it right when
+    the two ranges do not overlap). Returns ``lo', hi'`` and whether ``lo' >= 0`` is known from
+    ``act``: when ``F(a) >= 0``, since then ``F(b) >= F(a) >= 0`` and every ``hi`` the kernels use
+    is >= 0, so ``min(F(a), hi') >= 0``."""
+    fa, fb = _act_bounds_as_codes(act, scale)
+    if fb is not None:
+        hi = tvm.tirx.min(tvm.tirx.const(fb, "float32"), hi)
+    if fa is not None:
+        lo = tvm.tirx.max(tvm.tirx.min(tvm.tirx.const(fa, "float32"), hi), lo)
+    return lo, hi, fa is not None and fa >= 0
+
+
+def _act_code_or_lowered(v, scale: float, unsigned: bool, low, e, lo4: int, hi4: int, act=None):
     """The INT8 code of ``v`` (:func:`_act_code`), lowered (:func:`_lower_expr` with shift ``e``)
     where ``low``, without a branch and with two integer operations more than the code alone.
 
@@ -81,7 +128,9 @@ def _act_code_or_lowered(v, scale: float, unsigned: bool, low, e, lo4: int, hi4:
     ``clamp(g(q), L, H) = g(clamp(q, L - r, H + 2^e - r - 1))``, and the two clamps (INT8 range,
     then that one) are one clamp to the intersection. An INT8 channel takes ``e = 0``, for which
     ``g`` is the identity and the bounds are the INT8 range. The bounds are per channel, so the
-    float clamp the code always had does both jobs; what is left per element is ``+ r`` and the mask."""
+    float clamp the code always had does both jobs; what is left per element is ``+ r`` and the mask.
+    ``act`` (a requantizing epilogue's activation, not applied to ``v``) joins the same clamp
+    (:func:`_merge_act_bounds`)."""
     lo8, hi8 = (0, 255) if unsigned else (-127, 127)
     e = tvm.tirx.Select(low, e, _i32(0))
     step = tvm.tirx.shift_left(_i32(1), e)
@@ -90,18 +139,18 @@ def _act_code_or_lowered(v, scale: float, unsigned: bool, low, e, lo4: int, hi4:
     hi = tvm.tirx.min(tvm.tirx.shift_left(_i32(hi4), e) + step - rnd - _i32(1), _i32(hi8))
     lo = tvm.tirx.Select(low, lo, _i32(lo8)).astype("float32")
     hi = tvm.tirx.Select(low, hi, _i32(hi8)).astype("float32")
-    q = tvm.tirx.floor(v / tvm.tirx.const(float(scale), "float32") + tvm.tirx.const(0.5, "float32"))
-    q = tvm.tirx.max(tvm.tirx.min(q, hi), lo).astype("int32")
+    lo, hi, act_nonneg = _merge_act_bounds(lo, hi, act, scale)
+    q = _clamped_code(v, scale, lo, hi, unsigned or act_nonneg)
     return (q + rnd) & (_i32(0) - step)
 
 
-def _act_code(v, scale: float, unsigned: bool):
+def _act_code(v, scale: float, unsigned: bool, act=None):
     """The INT8 code of float32 activation ``v``: ``clamp(floor(v / s + 0.5), lo, hi)`` as int32
-    (METHOD section 1), the one definition the quantize kernel and a requantizing epilogue share."""
-    lo, hi = (0, 255) if unsigned else (-127, 127)
-    v = tvm.tirx.floor(v / tvm.tirx.const(float(scale), "float32") + tvm.tirx.const(0.5, "float32"))
-    v = tvm.tirx.max(tvm.tirx.min(v, tvm.tirx.const(float(hi), "float32")), tvm.tirx.const(float(lo), "float32"))
-    return v.astype("int32")
+    (METHOD section 1), the one definition the quantize kernel and a requantizing epilogue share;
+    ``act`` as in :func:`_act_code_or_lowered`."""
+    lo, hi = (0.0, 255.0) if unsigned else (-127.0, 127.0)
+    lo, hi, act_nonneg = _merge_act_bounds(tvm.tirx.const(lo, "float32"), tvm.tirx.const(hi, "float32"), act, scale)
+    return _clamped_code(v, scale, lo, hi, unsigned or act_nonneg)
 
 
 def _no_contract(v):
@@ -324,10 +373,7 @@ def quantize_act(
     L = int(num_layers)
     li = int(layer_index)
     assert 0 <= li < L
-    if unsigned:
-        lo, hi, lo4, hi4, odt = 0, 255, 0, 15, "uint8"
-    else:
-        lo, hi, lo4, hi4, odt = -127, 127, -8, 7, "int8"
+    lo4, hi4, odt = (0, 15, "uint8") if unsigned else (-8, 7, "int8")
 
     x = te.placeholder(shape, "float32", name="x")
     counts = te.placeholder((L,), "int32", name="counts")
@@ -557,8 +603,6 @@ def prepack_weight(w, groups: int = 1, ob: int | None = None, layout: str | None
     """numpy: logical int8 weight ``[O, Cg, KH, KW]`` / ``[O, C]`` -> the kernel layout that
     :func:`lower_weight` (``w_prepacked=True``) and conv2d_int8 / dense_int8 use (offline, once;
     input channels zero-padded to a multiple of 4 for ``"OIHWo4i"``)."""
-    import numpy as np
-
     w = np.asarray(w)
     O = w.shape[0]
     if w.ndim == 2:
@@ -613,7 +657,9 @@ def conv2d_int8(
     integers as the plain form.
 
     ``act=(lo, hi)`` (either may be None; ``out="float"`` only): the activation that follows the
-    layer (ReLU, ReLU6, clip) applied in the epilogue, saving a pass over the output.
+    layer (ReLU, ReLU6, clip) applied in the epilogue, saving a pass over the output. With
+    ``requant`` it clamps the reader's codes instead of the float (same integers, fewer vector
+    operations: ``_merge_act_bounds``).
 
     ``packed_input=True`` (``"OIHWo4i"`` only): ``qx`` is already the repacked uint8
     ``[N, groups * ceil(Cg/4), Hp, Wp, 4]`` (``quantize_act(pack4=...)`` viewed as bytes), so the
@@ -819,9 +865,11 @@ def conv2d_int8(
     res = te.placeholder((N, O, OH, OW), "float32", name="res") if residual else None
     if residual and (out != "float" or requant is not None):
         raise ValueError("residual needs out='float' and no requant")
+    # a requantizing epilogue clamps the reader's codes instead of the float (`_merge_act_bounds`)
+    float_act = None if requant is not None else act
     if out == "float":
         def epilogue(n, o, oh, ow):
-            v = _clamp_act(fence(acc_at(n, o, oh, ow).astype("float32") * scale[o]) + bias[o], act)
+            v = _clamp_act(fence(acc_at(n, o, oh, ow).astype("float32") * scale[o]) + bias[o], float_act)
             return v + res[n, o, oh, ow] if residual else v
 
         y = te.compute((N, O, OH, OW), epilogue, name="y")
@@ -834,7 +882,7 @@ def conv2d_int8(
     if requant is not None:
         if out != "float":
             raise ValueError("requant needs out='float'")
-        y, rq_params, rq_attrs = _requant_output(y, requant)
+        y, rq_params, rq_attrs = _requant_output(y, requant, act)
         params = [qx, wl, scale, bias, *rq_params, y]
     func = te.create_prim_func(params)
     return _finish(func, "conv2d_int8", ob=int(ob), groups=int(groups), out=out, **rq_attrs,
@@ -846,10 +894,11 @@ def conv2d_int8(
                    **_act_attrs(act))
 
 
-def _requant_output(y, requant: dict):
+def _requant_output(y, requant: dict, act):
     """The requantizing epilogue of ``conv2d_int8(requant=...)``: ``y`` (the float epilogue, a
-    te stage that TVM inlines) mapped through the reader's quantize rule. Returns the output
-    stage, the reader's parameters and the attributes that record them."""
+    te stage that TVM inlines, before the layer's activation ``act``) mapped through the
+    activation and the reader's quantize rule. Returns the output stage, the reader's parameters
+    and the attributes that record them."""
     N, O, OH, OW = (int(v) for v in y.shape)
     rq_scale, rq_unsigned = float(requant["scale"]), bool(requant["unsigned"])
     pt, pl, pb, pr = _norm_pad(requant.get("pad", 0))
@@ -870,7 +919,7 @@ def _requant_output(y, requant: dict):
                              "groups of whole channel quads")
 
         def int8_code(n, o, h, w):
-            return _act_code(y[n, o, h, w], rq_scale, rq_unsigned)
+            return _act_code(y[n, o, h, w], rq_scale, rq_unsigned, act)
 
         def lowered(n, o, h, w):
             q = int8_code(n, o, h, w)
@@ -882,7 +931,7 @@ def _requant_output(y, requant: dict):
 
     def code(n, o, h, w):
         return _act_code_or_lowered(y[n, o, h, w], rq_scale, rq_unsigned, rank[o] < counts[li], shift[o],
-                                    lo4, hi4).astype(odt)
+                                    lo4, hi4, act).astype(odt)
 
     if pt or pl or pb or pr:
         def padded(n, o, h, w):
