@@ -84,6 +84,33 @@ def test_amx_conv_bit_exact(case):
     np.testing.assert_array_equal(yr, y_ref + res)
 
 
+@needs_amx
+@pytest.mark.parametrize("N", [1, 8])
+def test_amx_requant_writes_the_padded_codes(N):
+    """An AMX 1x1 conv whose epilogue writes the reader's padded codes (passes.fuse_requant; the
+    activation folded into the code clamp, an asymmetric zero border, one and several threads'
+    worth of blocks): against numpy's conv, epilogue, ReLU6 and quantize rule."""
+    C, H, W, O, s_q, pad = 24, 7, 7, 64, 0.03, (1, 2, 1, 1)
+    rng = np.random.default_rng(N)
+    q = rng.integers(0, 256, (N, C, H, W)).astype(np.int64)
+    w = rng.integers(-127, 128, (O, C)).astype(np.int64)
+    scale = rng.uniform(1e-4, 1e-3, O).astype(np.float32)
+    bias = rng.normal(size=O).astype(np.float32)
+    f32 = np.float32
+    y = (np.einsum("oc,nchw->nohw", w, q).astype(f32) * scale[None, :, None, None]).astype(f32) + bias[None, :, None, None]
+    code = np.clip(np.floor(np.clip(y, f32(0), f32(6)) / f32(s_q) + f32(0.5)), 0, 255)
+    t, l, b, r = pad
+    ref = np.zeros((N, O, H + t + b, W + l + r), np.int64)
+    ref[:, :, t:t + H, l:l + W] = code
+    opts = dict(unsigned=True, ob=1, layout="OIHWo4i", packed_input=True, spatial_lanes=True, amx=True, act=(0.0, 6.0))
+    f = fc.conv2d_int8((N, C, H, W), (O, C, 1, 1), **opts,
+                       requant=dict(scale=s_q, unsigned=True, pad=pad, layer_index=0, num_layers=1))
+    args = [_packed(q, True), _weights(w), scale, bias, np.zeros(1, np.int32), np.zeros(O, np.int32),
+            np.zeros(O, np.int32)]
+    out = _run(f, args, ref.shape, "uint8")
+    np.testing.assert_array_equal(out.astype(np.int64), ref)
+
+
 def test_amx_kernel_compiles_and_uses_tile_instructions():
     """On any host: the AMX form of a 7x7 pointwise conv generates tile instructions (with a
     narrower tile for the last position), with the caller's tile configuration saved and put

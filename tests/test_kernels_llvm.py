@@ -303,7 +303,8 @@ REQUANT_CASES = [(2, 16, 8, 8, 32, True, True, (1, 1, 1, 1), True), (1, 12, 4, 1
                  (1, 16, 4, 16, 32, False, False, (0, 0, 0, 0), True, {"act": (0.0, None)}),
                  (1, 16, 4, 16, 32, True, True, (1, 1, 1, 1), True, {"act": (0.125, 0.375), "s_q": 0.25}),
                  (1, 16, 4, 16, 32, True, True, (0, 0, 0, 0), False, {"act": (20.0, None), "s_q": 0.05}),
-                 (1, 16, 4, 16, 32, True, False, (0, 1, 0, 1), True, {"act": (-100.0, -3.0)})]
+                 (1, 16, 4, 16, 32, True, False, (0, 1, 0, 1), True, {"act": (-100.0, -3.0)}),
+                 (2, 16, 8, 8, 128, True, True, (1, 2, 1, 1), True)]     # 16 channel blocks, asymmetric border
 
 
 @pytest.mark.parametrize("case", REQUANT_CASES, ids=[f"rq{i}" for i in range(len(REQUANT_CASES))])
