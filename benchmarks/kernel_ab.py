@@ -33,12 +33,13 @@ def _compute_at(rev: str):
     """`flexiq_tvm/schedules/compute.py` as it was at `rev`, imported as a module of its own."""
     text = subprocess.run(["git", "show", f"{rev}:flexiq_tvm/schedules/compute.py"], cwd=HERE, check=True,
                           capture_output=True, text=True).stdout
-    path = os.path.join(tempfile.mkdtemp(prefix="flexiq_kernel_ab_"), "compute_at_rev.py")
-    with open(path, "w") as f:
-        f.write(text)
-    spec = importlib.util.spec_from_file_location("compute_at_rev", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    with tempfile.TemporaryDirectory(prefix="flexiq_kernel_ab_") as tmp:
+        path = os.path.join(tmp, "compute_at_rev.py")
+        with open(path, "w") as f:
+            f.write(text)
+        spec = importlib.util.spec_from_file_location("compute_at_rev", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
     return mod
 
 
